@@ -3,10 +3,11 @@ from .backends import BackendError, available_backends, chosen_backend, use_back
 from .models import Generator, StyleLayout, load_generator, save_generator
 from .ops.modconv import modulated_conv2d
 from .ops.style import sncd, style_anchors, style_normalize
+from .metrics import SNCD, SNCDLoss, cached_anchors
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendError", "Generator", "StyleLayout", "available_backends", "chosen_backend", "load_generator",
+    "SNCD", "SNCDLoss", "BackendError", "Generator", "cached_anchors", "StyleLayout", "available_backends", "chosen_backend", "load_generator",
     "modulated_conv2d", "save_generator", "sncd", "style_anchors", "style_normalize", "use_backend",
 ]

@@ -234,10 +234,11 @@ class Generator(nn.Module):
     """Upstream layout. Latent index per layer: conv1 -> 0, to_rgb1 -> 1, and for block j
     (resolution 2**(j+3)): convs[2j] -> 2j+1, convs[2j+1] -> 2j+2, to_rgbs[j] -> 2j+3.
     Noise index: conv1 -> 0, convs[m] -> m+1. noise_i is [1, 1, r, r] with r = 2**((i+5)//2).
-    ``fused`` (not an upstream argument) sets the ModulatedConv2d path for every layer."""
+    ``fused`` (not an upstream argument) sets the ModulatedConv2d path for every layer;
+    ``channels`` (not upstream either) replaces the channel table, for small test models."""
 
     def __init__(self, size, style_dim, n_mlp, channel_multiplier=2, blur_kernel=(1, 3, 3, 1),
-                 lr_mlp=0.01, fused=True):
+                 lr_mlp=0.01, fused=True, channels=None):
         super().__init__()
         self.size = size
         self.style_dim = style_dim
@@ -247,6 +248,8 @@ class Generator(nn.Module):
         cm = channel_multiplier
         self.channels = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm,
                          256: 64 * cm, 512: 32 * cm, 1024: 16 * cm}
+        if channels is not None:
+            self.channels = dict(channels)
         c4 = self.channels[4]
         self.input = ConstantInput(c4)
         self.conv1 = StyledConv(c4, c4, 3, style_dim, blur_kernel=blur_kernel, fused=fused)

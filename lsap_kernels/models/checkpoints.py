@@ -72,11 +72,14 @@ def load_generator(path: str | os.PathLike, size: int | None = None, *, style_di
         if value is not None and cfg.get(name, value) != value:
             raise ValueError(f"checkpoint {path} is a generator with {name}={cfg[name]}, but {name}={value} was asked for")
     g = Generator(**cfg, lr_mlp=lr_mlp)
-    result = g.load_state_dict(state, strict=False)
-    bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
+    expected = g.state_dict()
+    bad = ([f"missing {k}" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
+           + [f"{k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}" for k, v in state.items()
+              if k in expected and v.shape != expected[k].shape])
     if bad:
         raise ValueError(f"checkpoint {path} does not match Generator({cfg}): " + ", ".join(bad[:10]) +
                          (f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""))
+    g.load_state_dict(state)
     for name, buf in g.named_buffers():
         if name.endswith(".kernel") and not torch.allclose(buf, fir_kernel(1, buf.dtype, buf.device)[0, 0]):
             raise ValueError(f"checkpoint {path}: {name} is not the [1,3,3,1] up-sampling FIR these ops implement")

@@ -63,10 +63,10 @@ class ModulatedConv(nn.Module):
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, demodulate: bool = True,
                  upsample: bool = False):
         super().__init__()
+        if upsample:  # registered first: rosinality's state_dict order
+            self.blur = FIRBuffer()
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)
-        if upsample:
-            self.blur = FIRBuffer()
         self.scale = 1.0 / math.sqrt(in_channel * kernel_size**2)
         self.demodulate = demodulate
         self.up = 2 if upsample else 1

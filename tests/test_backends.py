@@ -1,0 +1,96 @@
+"""Backend choice, forcing, errors; the package with and without its compiled extension."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lsap_kernels as L
+from lsap_kernels import StyleLayout, backends
+
+
+def _inputs():
+    layout = StyleLayout.from_channels([3, 5])
+    return torch.randn(2, 8), torch.randn(8), layout
+
+
+def test_extension_is_built():
+    """CI builds the extension (LSAP_REQUIRE_EXT=1): a broken C++ build must fail the suite, not skip it."""
+    if os.environ.get("LSAP_ALLOW_NO_EXT") == "1":
+        pytest.skip("LSAP_ALLOW_NO_EXT=1")
+    assert L.available_backends()["cpu"], backends._ext.load_error()
+
+
+def test_automatic_choice_on_cpu():
+    expected = "cpu" if L.available_backends()["cpu"] else "reference"
+    assert L.chosen_backend("sncd", "cpu", torch.float32) == expected
+    assert L.chosen_backend("modulated_conv2d", "cpu", torch.float32) == "reference"  # no C++ modconv yet
+
+
+def test_use_backend_forces_and_restores():
+    s, mu, layout = _inputs()
+    with L.use_backend("reference"):
+        assert L.chosen_backend("sncd") == "reference"
+        with L.use_backend(sncd="reference", style_normalize="reference"):
+            assert L.chosen_backend("style_normalize") == "reference"
+        assert torch.equal(L.sncd(s, mu, layout), L.sncd(s, mu, layout, backend="reference"))
+    assert L.chosen_backend("sncd") == ("cpu" if L.available_backends()["cpu"] else "reference")
+
+
+def test_unknown_or_unavailable_backend_is_an_error():
+    with pytest.raises(L.BackendError, match="unknown backend 'fast'"):
+        with L.use_backend("fast"):
+            pass
+    if not torch.cuda.is_available():
+        with pytest.raises(L.BackendError, match="'cuda' is not available here .*no CUDA device"):
+            with L.use_backend("cuda"):
+                pass
+    s, mu, layout = _inputs()
+    with pytest.raises(L.BackendError, match="unknown backend"):
+        L.sncd(s, mu, layout, backend="nope")
+
+
+def test_forced_backend_never_falls_back():
+    if not L.available_backends()["cpu"]:
+        pytest.skip("needs the C++ extension")
+    x, w, s = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(1, 2)
+    with L.use_backend("cpu"):
+        with pytest.raises(L.BackendError, match="op 'modulated_conv2d' has no 'cpu' backend"):
+            L.modulated_conv2d(x, w, s)
+    with pytest.raises(L.BackendError, match="runs on \\('cpu',\\) tensors, got meta"):
+        L.style_normalize(torch.randn(2, 8, device="meta"), StyleLayout.from_channels([3, 5]), backend="cpu")
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("LSAP_BACKEND", "sncd=reference")
+    assert L.chosen_backend("sncd") == "reference"
+    monkeypatch.setenv("LSAP_BACKEND", "warp-drive")
+    s, mu, layout = _inputs()
+    with pytest.raises(L.BackendError, match="LSAP_BACKEND='warp-drive': unknown backend"):
+        L.sncd(s, mu, layout)
+    with L.use_backend("reference"):  # the context manager beats the environment
+        L.sncd(s, mu, layout)
+
+
+def test_package_works_without_the_extension():
+    """A failed build leaves a working package on the reference backend, with exactly one clear warning."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["lsap_kernels._C"] = None  # as if the build had failed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, lsap_kernels as L
+        msgs = [str(w.message) for w in caught if "extension" in str(w.message)]
+        assert len(msgs) == 1 and "reference" in msgs[0], msgs
+        assert L.available_backends()["cpu"] is False
+        layout = L.StyleLayout.from_channels([3, 5])
+        assert L.chosen_backend("sncd") == "reference"
+        g = L.Generator(8, 16, 1, channels={4: 8, 8: 4})
+        s, lay = g.style_space(g.mapping(torch.randn(2, 16)))
+        print(float(L.sncd(s, torch.ones(lay.total_channels), lay)), tuple(g.synthesis(g.mapping(torch.randn(1, 16))).shape))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(1, 3, 8, 8)" in out.stdout
