@@ -357,10 +357,9 @@ __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x %
 
 // ---- kernels ------------------------------------------------------------------------------------------------------
 template <typename T>
-__global__ void
-    normalize_fwd_kernel(const T* __restrict__ styles, T* __restrict__ hat, acc_type<T>* __restrict__ norm,
-                         const int64_t* __restrict__ offsets, int64_t items, int64_t layers, int64_t width,
-                         acc_type<T> eps) {
+__global__ void normalize_fwd_kernel(const T* __restrict__ styles, T* __restrict__ hat,
+                                     acc_type<T>* __restrict__ norm, const int64_t* __restrict__ offsets,
+                                     int64_t items, int64_t layers, int64_t width, acc_type<T> eps) {
   using acc_t = acc_type<T>;
   const int lane = lane_id();
   for (int64_t item = first_item(); item < items; item += item_stride()) {
@@ -376,11 +375,10 @@ __global__ void
 }
 
 template <typename T>
-__global__ void
-    normalize_bwd_kernel(const T* __restrict__ grad_hat, const T* __restrict__ styles,
-                         const acc_type<T>* __restrict__ norm, T* __restrict__ grad_styles,
-                         const int64_t* __restrict__ offsets, int64_t items, int64_t layers, int64_t width,
-                         acc_type<T> eps) {
+__global__ void normalize_bwd_kernel(const T* __restrict__ grad_hat, const T* __restrict__ styles,
+                                     const acc_type<T>* __restrict__ norm, T* __restrict__ grad_styles,
+                                     const int64_t* __restrict__ offsets, int64_t items, int64_t layers,
+                                     int64_t width, acc_type<T> eps) {
   using acc_t = acc_type<T>;
   const int lane = lane_id();
   for (int64_t item = first_item(); item < items; item += item_stride()) {
@@ -401,11 +399,10 @@ __global__ void
 }
 
 template <typename T>
-__global__ void
-    sncd_fwd_kernel(const T* __restrict__ styles, const acc_type<T>* __restrict__ anchors,
-                    acc_type<T>* __restrict__ cos, acc_type<T>* __restrict__ norm,
-                    const int64_t* __restrict__ offsets, int64_t items, int64_t layers, int64_t width,
-                    acc_type<T> eps) {
+__global__ void sncd_fwd_kernel(const T* __restrict__ styles, const acc_type<T>* __restrict__ anchors,
+                                acc_type<T>* __restrict__ cos, acc_type<T>* __restrict__ norm,
+                                const int64_t* __restrict__ offsets, int64_t items, int64_t layers, int64_t width,
+                                acc_type<T> eps) {
   using acc_t = acc_type<T>;
   const int lane = lane_id();
   for (int64_t item = first_item(); item < items; item += item_stride()) {
@@ -421,12 +418,11 @@ __global__ void
 }
 
 template <typename T>
-__global__ void
-    sncd_bwd_kernel(const acc_type<T>* __restrict__ grad_cos, const T* __restrict__ styles,
-                    const acc_type<T>* __restrict__ anchors, const acc_type<T>* __restrict__ cos,
-                    const acc_type<T>* __restrict__ norm, T* __restrict__ grad_styles,
-                    const int64_t* __restrict__ offsets, int64_t items, int64_t layers, int64_t width,
-                    acc_type<T> eps) {
+__global__ void sncd_bwd_kernel(const acc_type<T>* __restrict__ grad_cos, const T* __restrict__ styles,
+                                const acc_type<T>* __restrict__ anchors, const acc_type<T>* __restrict__ cos,
+                                const acc_type<T>* __restrict__ norm, T* __restrict__ grad_styles,
+                                const int64_t* __restrict__ offsets, int64_t items, int64_t layers, int64_t width,
+                                acc_type<T> eps) {
   using acc_t = acc_type<T>;
   const int lane = lane_id();
   for (int64_t item = first_item(); item < items; item += item_stride()) {
