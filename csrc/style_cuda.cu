@@ -4,8 +4,9 @@
 // Design: warp-level segmented reductions. A block is 8 warps; each warp owns one (sample b, layer l) segment at a
 // time (grid-stride over the B·L segments, item = b·L + l so neighbouring warps read neighbouring memory). Its
 // 32 lanes stride the segment in chunks of V = 16 / sizeof(T) elements (16-byte loads and stores when every
-// pointer of the segment is 16-byte aligned, 4 chunks in flight per lane; scalar accesses otherwise), and
-// reduce with __shfl_xor_sync. No shared memory, no atomics, one launch per op for all layers.
+// pointer of the segment is 16-byte aligned, 4 chunks in flight per lane, 2 for half/bf16 styles next to float
+// anchors; scalar accesses otherwise), and reduce with __shfl_xor_sync. No shared memory, no atomics,
+// one launch per op for all layers.
 //
 // Determinism: the partition of a reduction does not depend on alignment or grid size. Chunk k of a segment
 // belongs to lane k % 32; a lane keeps one partial per position j < V of the chunk and adds its chunks in
@@ -13,8 +14,9 @@
 // xor butterfly (which leaves the same bits in every lane). The vector and scalar paths perform the same
 // operations in the same order, so the results depend on the input values only.
 //
-// Arithmetic goes through the _rn intrinsics (IEEE round-to-nearest even under -use_fast_math); the clamp is
-// `norm < eps ? eps : norm`, so a NaN norm (NaN input) stays NaN instead of being replaced by eps.
+// FMAs, square roots and divisions go through the _rn intrinsics (IEEE round-to-nearest even, never approximated,
+// whatever the flags); the clamp is `norm < eps ? eps : norm`, so a NaN norm (NaN input) stays NaN instead of
+// being replaced by eps, and the backward takes the clamped branch only where norm < eps.
 #include "style_cuda.cuh"
 
 namespace lsap {
