@@ -5,8 +5,7 @@ import torch
 
 from ... import backends
 from .._checks import check_choice, check_tensor, describe
-from . import cpu, cuda, reference  # noqa: F401  (importing a backend module registers it)
-from . import triton  # noqa: F401  (registers only where triton imports)
+from . import cpu, cuda, reference, triton  # noqa: F401  (importing a backend registers it, where it can run)
 from .layout import StyleLayout
 
 REDUCTIONS = ("mean", "sum", "none")
