@@ -1,4 +1,5 @@
-"""Loading and saving rosinality-format generator checkpoints ({'g_ema': state_dict, 'latent_avg': w})."""
+"""Loading and saving rosinality-format generator checkpoints ({'g_ema': state_dict, 'latent_avg': w}); NVIDIA
+``.pkl`` network snapshots load too, read as data (``nvidia_pkl``)."""
 from __future__ import annotations
 
 import argparse
@@ -55,23 +56,32 @@ def infer_config(state: dict) -> dict:
 
 
 def load_generator(path: str | os.PathLike, size: int | None = None, *, style_dim: int | None = None,
-                   n_mlp: int | None = None, channel_multiplier: int | None = None, lr_mlp: float = 0.01,
+                   n_mlp: int | None = None, channel_multiplier: int | None = None, lr_mlp: float | None = None,
                    device: str | torch.device = "cpu", key: str = "g_ema") -> Generator:
-    """Load a rosinality-format checkpoint into a ``Generator`` (``torch.load(weights_only=True)``).
+    """Load a rosinality-format checkpoint (``torch.load(weights_only=True)``) or an NVIDIA stylegan2-ada/stylegan3
+    ``.pkl`` snapshot (read as data, no code from the file runs; ``key`` "g_ema"/"G_ema" or "G") into a ``Generator``.
 
-    The architecture is inferred from the weights; any argument given must agree with them.
+    The architecture is inferred from the weights; any argument given must agree with them (``lr_mlp``, which
+    rosinality files do not record, defaults to 0.01).
     """
     path = Path(path)
-    ckpt = _read(path)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        from .nvidia_pkl import read_nvidia_pickle
+
+        ckpt, key = read_nvidia_pickle(path, {"g_ema": "G_ema", "g": "G"}.get(key, key)), "g_ema"
+    else:
+        ckpt = _read(path)
     if key not in ckpt:
         raise ValueError(f"checkpoint {path} has no {key!r} entry (it has {sorted(ckpt)})")
     state = ckpt[key]
     cfg = {**infer_config(state), **ckpt.get("lsap_config", {})}
-    given = {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_multiplier": channel_multiplier}
+    given = {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_multiplier": channel_multiplier,
+             "lr_mlp": lr_mlp}
     for name, value in given.items():
         if value is not None and cfg.get(name, value) != value:
             raise ValueError(f"checkpoint {path} is a generator with {name}={cfg[name]}, but {name}={value} was asked for")
-    g = Generator(**cfg, lr_mlp=lr_mlp)
+    cfg.setdefault("lr_mlp", 0.01 if lr_mlp is None else lr_mlp)
+    g = Generator(**cfg)
     expected = g.state_dict()
     bad = ([f"missing {k}" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
            + [f"{k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}" for k, v in state.items()
@@ -92,7 +102,7 @@ def save_generator(generator: Generator, path: str | os.PathLike) -> None:
     """Write ``{'g_ema', 'latent_avg', 'lsap_config'}`` atomically (temporary file, then rename)."""
     path = Path(path)
     cfg = {"size": generator.size, "style_dim": generator.style_dim, "n_mlp": generator.n_mlp,
-           "channels": dict(generator.channels)}
+           "channels": dict(generator.channels), "lr_mlp": generator.lr_mlp, "conv_clamp": generator.conv_clamp}
     payload = {"g_ema": generator.state_dict(), "latent_avg": generator.latent_avg.detach().cpu(), "lsap_config": cfg}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -123,11 +123,12 @@ class ConstantInput(nn.Module):
 class Generator(nn.Module):
     """rosinality-layout StyleGAN2 generator: ``mapping(z) -> w``, ``synthesis(w_plus, noise) -> image``.
 
-    ``channels`` overrides the per-resolution channel table (default: config-f with ``channel_multiplier``).
+    ``channels`` overrides the per-resolution channel table (default: config-f with ``channel_multiplier``);
+    ``conv_clamp`` clamps every layer's output to ±conv_clamp (NVIDIA networks; None = rosinality's no clamp).
     """
 
     def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
-                 lr_mlp: float = 0.01, channels: dict[int, int] | None = None):
+                 lr_mlp: float = 0.01, channels: dict[int, int] | None = None, conv_clamp: float | None = None):
         super().__init__()
         if size < 8 or size & (size - 1):
             raise ValueError(f"size must be a power of two >= 8, got {size}")
@@ -161,7 +162,8 @@ class Generator(nn.Module):
             in_ch = out_ch
         # rosinality keeps latent_avg beside g_ema in the checkpoint, not in it: non-persistent.
         self.register_buffer("latent_avg", torch.zeros(style_dim), persistent=False)
-        self.conv_clamp: float | None = None
+        # NVIDIA's conv_clamp (not in rosinality): every layer output and toRGB clamped to ±conv_clamp.
+        self.conv_clamp: float | None = None if conv_clamp is None else float(conv_clamp)
         self._layouts: dict[str, tuple[StyleLayout, tuple[str, ...]]] = {}
 
     # ---- mapping -------------------------------------------------------------------------------------
@@ -184,7 +186,8 @@ class Generator(nn.Module):
     def make_noise(self, batch: int = 1, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Fresh noise maps [batch, 1, r, r] in rosinality's order (4, 8, 8, 16, 16, ...)."""
         ref = self.latent_avg
-        return [torch.randn(batch, 1, h, w, generator=generator).to(device=ref.device, dtype=ref.dtype)
+        where = generator.device if generator is not None else ref.device  # draw where the stream lives
+        return [torch.randn(batch, 1, h, w, generator=generator, device=where).to(device=ref.device, dtype=ref.dtype)
                 for h, w in self.noise_shapes()]
 
     # ---- synthesis -----------------------------------------------------------------------------------
