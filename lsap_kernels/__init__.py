@@ -4,10 +4,11 @@ from .models import Generator, StyleLayout, load_generator, save_generator
 from .ops.modconv import modulated_conv2d
 from .ops.style import sncd, style_anchors, style_normalize
 from .metrics import SNCD, SNCDLoss, cached_anchors
+from .invert import InversionResult, Inverter, apply_direction
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SNCD", "SNCDLoss", "BackendError", "Generator", "cached_anchors", "StyleLayout", "available_backends", "chosen_backend", "load_generator",
-    "modulated_conv2d", "save_generator", "sncd", "style_anchors", "style_normalize", "use_backend",
+    "Inverter", "InversionResult", "apply_direction", "modulated_conv2d", "save_generator", "sncd", "style_anchors", "style_normalize", "use_backend",
 ]
