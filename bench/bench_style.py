@@ -73,8 +73,8 @@ def main(argv=None):
                 launches = common.count_kernels(step, device) if name.startswith("ours") else None
                 rows.append({"dtype": str(dtype).replace("torch.", ""), "batch": batch, "provider": name,
                              "ms_fwd_bwd": ms, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6,
-                             "floor_ms": nbytes / bandwidth / 1e3 if bandwidth else None,
-                             "fraction_of_floor": (nbytes / bandwidth / 1e3) / ms if bandwidth else None,
+                             "floor_ms": nbytes / bandwidth * 1e3 if bandwidth else None,
+                             "fraction_of_floor": (nbytes / bandwidth * 1e3) / ms if bandwidth else None,
                              "kernel_launches_fwd_bwd": launches, "rel_err_vs_float64": err})
                 print(f"{rows[-1]['dtype']:8s} B={batch:<4d} {name:22s} {ms:9.4f} ms  "
                       f"{rows[-1]['GB_per_s']:8.1f} GB/s" + (f"  launches={launches}" if launches else ""))
