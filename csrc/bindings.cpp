@@ -7,6 +7,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("style_normalize_bwd_cpu", &style_normalize_bwd_cpu);
   m.def("sncd_fwd_cpu", &sncd_fwd_cpu);
   m.def("sncd_bwd_cpu", &sncd_bwd_cpu);
+  m.def("modconv_fwd_cpu", &modconv_fwd_cpu);
+  m.def("modconv_bwd_cpu", &modconv_bwd_cpu);
+  m.def("modconv_scale_cpu", &modconv_scale_cpu);
+  m.def("modconv_scale_bwd_cpu", &modconv_scale_bwd_cpu);
+  m.def("modconv_demod_cpu", &modconv_demod_cpu);
+  m.def("modconv_epilogue_fwd_cpu", &modconv_epilogue_fwd_cpu);
+  m.def("modconv_epilogue_bwd_cpu", &modconv_epilogue_bwd_cpu);
+  m.def("modconv_skip_bwd_cpu", &modconv_skip_bwd_cpu);
+  m.def("modconv_workspace_clear_cpu", &modconv_workspace_clear_cpu);
 #ifdef LSAP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("style_normalize_fwd_cuda", &style_normalize_fwd_cuda);

@@ -18,6 +18,7 @@ from ..ops.modconv.reference import fir_kernel
 from ..ops.style.layout import StyleLayout
 
 LAYER_SETS = ("lsap", "all")
+PRECISIONS = ("fp32", "bf16")
 
 
 def config_f_channels(channel_multiplier: int = 2) -> dict[int, int]:
@@ -94,9 +95,10 @@ class StyledConv(nn.Module):
         self.activate = BiasActivation(out_channel)
 
     def forward(self, x, w, noise=None, clamp=None):
-        c = self.conv
-        return modulated_conv2d(x, c.weight[0], c.modulation(w), weight_gain=c.scale, demodulate=c.demodulate,
-                                up=c.up, noise=noise, noise_strength=self.noise.weight, bias=self.activate.bias,
+        c, dt = self.conv, x.dtype  # parameters, styles and noise follow the activations' dtype (precision="bf16")
+        return modulated_conv2d(x, c.weight[0].to(dt), c.modulation(w).to(dt), weight_gain=c.scale,
+                                demodulate=c.demodulate, up=c.up, noise=None if noise is None else noise.to(dt),
+                                noise_strength=self.noise.weight.to(dt), bias=self.activate.bias.to(dt),
                                 activation="lrelu", clamp=clamp)
 
 
@@ -109,9 +111,9 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x, w, skip=None, clamp=None):
-        c = self.conv
-        return modulated_conv2d(x, c.weight[0], c.modulation(w), weight_gain=c.scale, demodulate=False,
-                                bias=self.bias.view(3), activation="linear", clamp=clamp, skip=skip)
+        c, dt = self.conv, x.dtype
+        return modulated_conv2d(x, c.weight[0].to(dt), c.modulation(w).to(dt), weight_gain=c.scale, demodulate=False,
+                                bias=self.bias.view(3).to(dt), activation="linear", clamp=clamp, skip=skip)
 
 
 class ConstantInput(nn.Module):
@@ -125,11 +127,18 @@ class Generator(nn.Module):
 
     ``channels`` overrides the per-resolution channel table (default: config-f with ``channel_multiplier``);
     ``conv_clamp`` clamps every layer's output to ±conv_clamp (NVIDIA networks; None = rosinality's no clamp).
+    ``precision="bf16"``: synthesis runs in bfloat16 (activations, and the weights cast per call from the fp32
+    parameters) with fp32 accumulation in the kernels; latents, noise inputs and the returned image keep their own
+    dtype (fp32), gradients flow back to them in it. "fp32" (default): everything in the parameters' dtype.
     """
 
     def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
-                 lr_mlp: float = 0.01, channels: dict[int, int] | None = None, conv_clamp: float | None = None):
+                 lr_mlp: float = 0.01, channels: dict[int, int] | None = None, conv_clamp: float | None = None,
+                 precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         if size < 8 or size & (size - 1):
             raise ValueError(f"size must be a power of two >= 8, got {size}")
         self.size, self.style_dim, self.n_mlp = size, style_dim, n_mlp
@@ -206,7 +215,8 @@ class Generator(nn.Module):
         elif len(noise) != self.num_layers:
             raise ValueError(f"noise must be a list of {self.num_layers} maps (one per conv layer), got {len(noise)}")
         clamp = self.conv_clamp
-        x = self.input.input.expand(batch, -1, -1, -1)
+        compute = torch.bfloat16 if self.precision == "bf16" else self.input.input.dtype
+        x = self.input.input.expand(batch, -1, -1, -1).to(compute)
         x = self.conv1(x, w_plus[:, 0], noise[0], clamp)
         skip = self.to_rgb1(x, w_plus[:, 1], clamp=clamp)
         for j, to_rgb in enumerate(self.to_rgbs):
@@ -214,7 +224,7 @@ class Generator(nn.Module):
             x = self.convs[2 * j](x, w_plus[:, i], noise[i], clamp)
             x = self.convs[2 * j + 1](x, w_plus[:, i + 1], noise[i + 1], clamp)
             skip = to_rgb(x, w_plus[:, i + 2], skip, clamp)
-        return skip
+        return skip if self.precision == "fp32" else skip.to(w_plus.dtype)
 
     def forward(self, styles, return_latents: bool = False, inject_index: int | None = None, truncation: float = 1.0,
                 truncation_latent: torch.Tensor | None = None, input_is_latent: bool = False, noise=None,

@@ -10,6 +10,7 @@ from .._checks import check_choice, check_shape, check_tensor, describe
 from . import reference
 
 backends.register("modulated_conv2d", "reference", reference.modulated_conv2d)
+from . import cpu  # noqa: E402,F401  (registers the "cpu" backend where the C++ extension loaded)
 
 ACTIVATIONS = ("lrelu", "linear")
 
