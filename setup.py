@@ -30,7 +30,7 @@ def extension_build():
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) and os.environ.get("LSAP_NO_CUDA") != "1")
     if with_cuda:
-        sources += sorted(glob.glob("csrc/*_cuda.cu")) + sorted(glob.glob("csrc/*_cuda.cpp"))
+        sources += sorted(glob.glob("csrc/*_cuda.cu")) + sorted(glob.glob("csrc/*_cuda_aten.cpp"))
         ext = CUDAExtension("lsap_kernels._C", sources, define_macros=[("LSAP_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
                             extra_link_args=["-fopenmp"])

@@ -82,8 +82,8 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def count_kernels(step, device: str) -> int | None:
-    """Device kernels launched by one ``step`` (GPU only)."""
+def kernel_launches(step, device: str) -> dict[str, int] | None:
+    """Device kernels launched by one ``step``, by kernel name (GPU only)."""
     if device != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -93,7 +93,11 @@ def count_kernels(step, device: str) -> int | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(1)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
 
 
 def random_style_inputs(layout, batch: int, dtype, device: str, seed: int):

@@ -1,8 +1,8 @@
 """Build checks that need no GPU and no CUDA build of torch.
 
 * Every csrc/*.cu compiles with plain nvcc for sm_90 and sm_80. The .cu files hold pure CUDA (kernels and
-  host launchers on raw pointers, CUDA's own headers only); the ATen glue lives in csrc/*_cuda.cpp.
-* Those *_cuda.cpp wrappers, and bindings.cpp, pass `g++ -fsyntax-only -DLSAP_WITH_CUDA` against the installed
+  host launchers on raw pointers, CUDA's own headers only); the ATen glue lives in csrc/*_cuda_aten.cpp.
+* Those *_cuda_aten.cpp wrappers, and bindings.cpp, pass `g++ -fsyntax-only -DLSAP_WITH_CUDA` against the installed
   torch headers (a CPU wheel ships the c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h,
   hence -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE) and the CUDA toolkit headers.
 
@@ -47,7 +47,7 @@ def find_cuda_include(nvcc: str | None) -> Path | None:
 
 NVCC = find_nvcc()
 CU_SOURCES = sorted(CSRC.glob("*.cu"))
-CUDA_CPP_SOURCES = sorted(CSRC.glob("*_cuda.cpp")) + [CSRC / "bindings.cpp"]
+CUDA_CPP_SOURCES = sorted(CSRC.glob("*_cuda_aten.cpp")) + [CSRC / "bindings.cpp"]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -338,7 +338,7 @@ def test_sncd_sum_equals_lsap_reference_loss_up_to_L():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_all_layout_1024(backend):
     """The real shape: "all" 1024 layout, batch 256, fp32 and bf16, forward and gradient."""
     need(backend)

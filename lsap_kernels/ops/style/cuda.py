@@ -1,4 +1,4 @@
-"""CUDA kernels of the style ops (csrc/style_cuda.cu, wrapped by csrc/style_cuda.cpp): one launch per direction
+"""CUDA kernels of the style ops (csrc/style_cuda.cu, wrapped by csrc/style_cuda_aten.cpp): one launch per direction
 over all (sample, layer) segments, one warp per segment, deterministic (fixed reduction order, no atomics).
 Registered only where the extension was built with CUDA."""
 import torch
