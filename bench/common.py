@@ -50,8 +50,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(step, device: str, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.2) -> float:
-    """Median milliseconds of ``step(i)`` (i rotates input sets) after warm-up; CUDA events on the GPU."""
+def time_ms(step, device: str, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.2,
+            max_seconds: float | None = None) -> float:
+    """Median milliseconds of ``step(i)`` (i rotates input sets) after warm-up; CUDA events on the GPU.
+
+    At least ``repeats`` calls (more until ``min_seconds``, at most 10·repeats); with ``max_seconds``, stop once
+    that much time has gone and at least 3 calls were timed."""
     for i in range(warmup):
         step(i)
     sync(device)
@@ -59,6 +63,8 @@ def time_ms(step, device: str, warmup: int = 3, repeats: int = 20, min_seconds: 
     start = time.perf_counter()
     i = 0
     while i < repeats or (time.perf_counter() - start < min_seconds and i < 10 * repeats):
+        if max_seconds is not None and i >= 3 and time.perf_counter() - start > max_seconds:
+            break
         if device == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -80,6 +86,18 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     dst = torch.empty_like(src)
     ms = time_ms(lambda i: dst.copy_(src), device, repeats=10)
     return 2 * nbytes / (ms / 1e3)
+
+
+def cpu_conv_rate(dtype: torch.dtype = torch.float32, repeats: int = 8) -> float:
+    """FLOP/s of a large channels_last 3×3 convolution (oneDNN, 256→256 channels at 64², batch 4) in ``dtype``,
+    median after warm-up (the first calls pay oneDNN's primitive creation and first-touch page faults): the
+    practical compute ceiling of a CPU run (SPEC §6)."""
+    x = torch.randn(4, 256, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(dtype)
+    flops = 2 * 9 * 256 * 256 * 64 * 64 * 4
+    ms = time_ms(lambda i: torch.nn.functional.conv2d(x, w, padding=1), "cpu", warmup=4, repeats=repeats,
+                 min_seconds=0)
+    return flops / ms * 1e3
 
 
 def kernel_launches(step, device: str) -> dict[str, int] | None:

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The one command for a session that has a GPU: build, run the GPU tests, the benchmarks, then the whole suite;
-# logs and results go under $OUT (the device tool brings that folder back: at most 8 files).
-#   run(command="bash bench/gpu_check.sh", timeout_s=420)
-# Phases are time-boxed (GPU leases are 15 minutes in all) and ordered by what only a GPU can check.
-# The GPU hosts have torch+CUDA, triton and pytest but no network: build in place with the machine's python.
+# The one command for a session that has a GPU, in two calls (a lease is 15 minutes of device time in all, the
+# machine start included; one call may run 10 minutes; the machine stays warm 30 s after a call, so issue the second
+# at once and it reuses the build):
+#   run(command="bash bench/gpu_check.sh tests", timeout_s=420)  build, gpu-marked tests, every cuda/triton case
+#   run(command="bash bench/gpu_check.sh bench", timeout_s=420)  the benchmark suite (bench/suite.py)
+#   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
+# Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 5).
+# Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
+# but no network: build in place with the machine's python.
+MODE=${1:-tests}
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
@@ -14,6 +19,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PY" -c "import triton; print('triton', triton.__version__)" || true
+  # the compiler that builds _C against the one that built torch (a mismatch is the suspect of a past C++-error crash)
+  echo "extension c++: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>&1 | head -1)"
+  "$PY" -c "import torch; print('torch built with', torch.__config__.show().splitlines()[1].strip())" || true
   git rev-parse HEAD 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -22,17 +30,29 @@ if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --i
   tail -60 "$OUT/build.log"; exit 1
 fi
 "$PY" -c "import lsap_kernels as L; print('backends', L.available_backends())" | tee -a "$OUT/env.txt"
+if [ "$MODE" = tests ]; then
 echo "== GPU tests (cuda/triton cases and gpu-marked)"
-timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -m "gpu" tests > "$OUT/tests_gpu.log" 2>&1
+timeout "${GPU_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -rs -p no:cacheprovider -m "gpu" tests > "$OUT/tests_gpu.log" 2>&1
 echo "gpu-marked exit $?"
-timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or triton" tests --ignore tests/test_build.py \
+timeout "${CASES_TIMEOUT:-180}" "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or triton" tests --ignore tests/test_build.py \
   >> "$OUT/tests_gpu.log" 2>&1
 echo "cuda/triton exit $?"; grep -E "passed|failed|error" "$OUT/tests_gpu.log" | tail -4
-echo "== benchmarks"
-timeout 150 "$PY" bench/bench_style.py --out "$OUT" > "$OUT/bench_style.log" 2>&1
-echo "bench exit $?"; tail -20 "$OUT/bench_style.log"
+echo "== SNCD kernel launches by name (the op's own kernels vs PyTorch's), 2 batch sizes"
+timeout 90 "$PY" bench/bench_style.py --batches 1 256 --no-compile --out "$OUT" > /dev/null 2>&1
+echo "style bench exit $?"; grep -E "ours" "$OUT/style.md" | head -8
+fi
+if [ "$MODE" = bench ]; then
+echo "== benchmark suite (bench/suite.py: end to end, every layer, SNCD; writes suite.json/.md/.png into \$OUT)"
+# --budget-s: no new work after that; the suite rewrites its results after every task and on SIGTERM, so the
+# hard timeout still leaves what was measured. The suite covers bench_style.py's SNCD rows.
+timeout "${BENCH_TIMEOUT:-360}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-300}" \
+  > "$OUT/suite.log" 2>&1
+echo "bench exit $?"; grep -A12 "^## Headline" "$OUT/suite.md" 2>/dev/null; tail -5 "$OUT/suite.log"
+fi
+if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"
 # -v: with xdist the failures are named as they happen, so a time-boxed run still says which ones failed
 timeout "${SUITE_TIMEOUT:-120}" "$PY" -m pytest -v -rfs -p no:cacheprovider -n 12 tests --ignore tests/test_build.py \
   > "$OUT/tests_all.log" 2>&1
 echo "suite exit $?"; grep -E "FAILED|ERROR" "$OUT/tests_all.log" | head -20; tail -2 "$OUT/tests_all.log"
+fi

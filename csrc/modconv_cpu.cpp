@@ -1,14 +1,15 @@
 // Modulated convolution, CPU (SPEC §3): forward and hand-written backward.
 //
 // Forward:  u = x ⊙ (g·s) (one pass, channels_last) → oneDNN convolution with the shared weight (up=2, k=3: the
-//           stride-2 transposed conv as four phase convolutions, interleaved into t) → one fused pass: [up=2:
-//           separable 4-tap FIR of t] + demodulation + strength·noise + bias + leaky-ReLU·gain + clamp
+//           stride-2 transposed conv as four phase convolutions, interleaved into t; large up=1 3×3 convs: Winograd
+//           F(2×2, 3×3), csrc/winograd_cpu.cpp, with the scaling folded into its input transform: no u) → one fused
+//           pass: [up=2: separable 4-tap FIR of t] + demodulation + strength·noise + bias + leaky-ReLU·gain + clamp
 //           [+ FIR-up-sampled skip], reading the conv output once. 1×1 convs with ≤ 8 outputs (toRGB) skip u and
 //           oneDNN: one pass with the style scaling folded into the operand.
 // Backward: one fused pass: epilogue gradient [up=2: + the FIR's adjoint] → grad of the conv output, plus the
-//           reductions Σ g_a·z (demodulation), Σ g_a (bias), Σ_c g_a (noise) → oneDNN input gradient (and the
-//           weight gradient only when asked) → one pass, in place: d_x = g_u ⊙ (g·s) and Σ_p g_u·x (style
-//           gradient) → the demodulation terms of the style and weight gradients (small loops).
+//           reductions Σ g_a·z (demodulation), Σ g_a (bias), Σ_c g_a (noise) → oneDNN (or Winograd) input
+//           gradient (and oneDNN's weight gradient only when asked) → one pass, in place: d_x = g_u ⊙ (g·s) and
+//           Σ_p g_u·x (style gradient) → the demodulation terms of the style and weight gradients (small loops).
 // Large tensors come from a small caching pool (see Pool): first-touch page faults are a visible cost on CPU.
 //
 // Determinism: every reduction is a fixed-order sum over fixed chunks (bands of rows, chunks of pixels), chunking
@@ -25,12 +26,14 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include <sys/mman.h>
 #include <vector>
 
 #include "ops.h"
+#include "winograd_cpu.h"
 
 // The row kernels' channel loops hold selects (leaky-ReLU slope, clamp); under GCC's default -ftrapping-math an FP
 // comparison feeding a select blocks if-conversion and the loops stay scalar and branchy (≈ 4× slower measured).
@@ -619,6 +622,22 @@ void check_noise(const std::optional<at::Tensor>& noise, int64_t batch, at::Scal
 // t[2m+a, 2n+b] = Σ over the taps of parity (a, b); even phases use taps {2, 0} over u padded by one, odd ones tap 1.
 // oneDNN runs some transposed-conv shapes on a slow path (256→128 at 128² measured 0.6× the phase form).
 // LSAP_MODCONV_UPCONV=transposed keeps ATen's transposed convolution (for comparisons).
+// The stride-1 3×3 convolution (forward and input gradient) by Winograd F(2×2, 3×3) (csrc/winograd_cpu.cpp) where
+// it measured faster than oneDNN (bench/bench_cpu_winograd.py): float32 convolutions with at least 128 × 128
+// channel pairs over at least 1024 pixels (fewer: the per-call weight transform and the weight streaming of each
+// chunk of tiles outweigh the saved multiplies). LSAP_MODCONV_CONV=onednn keeps oneDNN everywhere, =winograd takes
+// Winograd for every float32 3×3 up=1 shape.
+bool use_winograd(int64_t k, int64_t up, at::ScalarType zt, int64_t batch, int64_t cin, int64_t cout, int64_t h,
+                  int64_t w) {
+  if (k != 3 || up != 1 || zt != at::kFloat) return false;
+  const char* env = std::getenv("LSAP_MODCONV_CONV");
+  const std::string mode = env ? env : "";
+  TORCH_CHECK(mode.empty() || mode == "onednn" || mode == "winograd",
+              "LSAP_MODCONV_CONV must be unset, 'onednn' or 'winograd', got '", mode, "'");
+  if (!mode.empty()) return mode == "winograd";
+  return cin * cout >= 128 * 128 && batch * h * w >= 1024;
+}
+
 bool use_phases(int64_t k) {
   if (k != 3) return false;
   const char* env = std::getenv("LSAP_MODCONV_UPCONV");
@@ -896,6 +915,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modconv_fwd_cpu(
     dispatch_tz(dt, zt, "modconv_fwd_cpu", [&](auto tt, auto zt_) {
       conv_out = pointwise_forward<typename decltype(tt)::type, typename decltype(zt_)::type>(x, weight, scale);
     });
+  } else if (use_winograd(weight.size(2), up, zt, x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3))) {
+    conv_out = empty_cl({x.size(0), weight.size(0), x.size(2), x.size(3)}, x, zt);
+    winograd_conv3x3_cpu(x, scale, weight, false, conv_out);  // the style scaling rides on the input transform
   } else {
     at::Tensor u = scale_to_new(x, scale, zt);
     conv_out = canon_cl(conv_forward(u, weight.to(zt), up));
@@ -1048,9 +1070,17 @@ std::vector<at::Tensor> modconv_bwd_cpu(const at::Tensor& grad, const at::Tensor
     const auto w_conv = weight.to(zt);
     const auto scale = styles.to(acc) * weight_gain;
     // the conv's input is only read for the weight gradient: recompute u then; else pass a same-shaped stand-in
-    at::Tensor u = need_w ? scale_to_new(x, scale, zt) : (zt == dt ? x : empty_cl(x.sizes(), x, zt));
+    const bool winograd = need_gu && use_winograd(k, up, zt, batch, cout, cin, x.size(2), x.size(3));
+    at::Tensor u = need_w ? scale_to_new(x, scale, zt)
+                          : (zt == dt || winograd ? x : empty_cl(x.sizes(), x, zt));
     at::Tensor gu, gw;
-    if (up == 1) {
+    if (winograd) {
+      gu = empty_cl(x.sizes(), x, zt);
+      winograd_conv3x3_cpu(g_conv, at::Tensor(), weight, true, gu);
+      if (need_w)
+        std::tie(std::ignore, gw, std::ignore) = at::convolution_backward(
+            g_conv, u, w_conv, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, {false, true, false});
+    } else if (up == 1) {
       std::tie(gu, gw, std::ignore) = at::convolution_backward(g_conv, u, w_conv, std::nullopt, {1, 1},
                                                                {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1,
                                                                {need_gu, need_w, false});

@@ -103,14 +103,25 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
         spec["*"] = name
     for op, backend in spec.items():
         _check_name(backend, f"use_backend({op if op != '*' else ''}{'=' if op != '*' else ''}{backend!r})")
-    token = _forced.set(spec)
+    global _forced_key
+    token, outer_key = _forced.set(spec), _forced_key
+    _forced_key = repr(sorted(spec.items()))
     try:
         yield
     finally:
         _forced.reset(token)
+        _forced_key = outer_key
 
 
-def _forced_for(op: str) -> tuple[str | None, str]:
+# torch.compile cannot trace ContextVar.get, so the lookup below is a constant to dynamo, and `select` passes it
+# `_forced_key` (the innermost use_backend's spec, a module global) so that dynamo guards on it: entering or leaving
+# use_backend recompiles instead of reusing a graph traced for another backend. (Threads that compile one function
+# under different use_backend specs at the same time can still share a graph: both backends compute the same op.)
+_forced_key = ""
+
+
+@torch.compiler.assume_constant_result
+def _forced_for(op: str, key: str = "") -> tuple[str | None, str]:
     spec = _forced.get()
     origin = "use_backend"
     if spec is None:
@@ -129,7 +140,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str | Non
     impls = _registry[op]
     origin = f"{op}(backend={backend!r})"
     if backend is None:
-        backend, origin = _forced_for(op)
+        backend, origin = _forced_for(op, _forced_key)
     if backend is not None:
         _check_name(backend, origin)
         impl = impls.get(backend)

@@ -57,10 +57,10 @@ def test_forced_backend_never_falls_back():
     if not L.available_backends()["cpu"]:
         pytest.skip("needs the C++ extension")
     x, w, s = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(1, 2)
-    if L.available_backends()["triton"]:  # tests run Triton's interpreter on CPU; modconv has no triton backend yet
+    if L.available_backends()["triton"]:  # tests run Triton's interpreter on CPU; it takes no float64
         with L.use_backend("triton"):
-            with pytest.raises(L.BackendError, match="op 'modulated_conv2d' has no 'triton' backend"):
-                L.modulated_conv2d(x, w, s)
+            with pytest.raises(L.BackendError, match="backend 'triton' of 'modulated_conv2d' takes dtypes"):
+                L.modulated_conv2d(x.double(), w.double(), s.double())
     with pytest.raises(L.BackendError, match="runs on \\('cpu',\\) tensors, got meta"):
         L.style_normalize(torch.randn(2, 8, device="meta"), StyleLayout.from_channels([3, 5]), backend="cpu")
 
@@ -96,3 +96,27 @@ def test_package_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(1, 3, 8, 8)" in out.stdout
+
+
+@pytest.mark.skipif(not L.available_backends()["cpu"], reason="the C++ extension is not built")
+def test_compiled_call_follows_use_backend():
+    """torch.compile(fullgraph=True) traces the backend choice (no graph break on use_backend's ContextVar) and
+    recompiles when use_backend changes it, instead of replaying a graph traced for another backend."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    x, w, s = (torch.randn(2, 3, 6, 6, generator=gen), torch.randn(4, 3, 3, 3, generator=gen),
+               torch.randn(2, 3, generator=gen))
+    fn = torch.compile(lambda x, w, s: L.modulated_conv2d(x, w, s), backend=record, fullgraph=True)
+    auto = fn(x, w, s)
+    with L.use_backend("reference"):
+        ref = fn(x, w, s)
+    again = fn(x, w, s)
+    assert len(graphs) == 2  # one graph per backend; leaving use_backend reuses the first
+    assert "lsap" in graphs[0] and "lsap" not in graphs[1]  # the cpu custom op, then plain torch ops
+    assert torch.allclose(auto, ref, rtol=1e-5, atol=1e-6) and torch.equal(auto, again)

@@ -99,10 +99,20 @@ def test_psnr():
 
 
 # ---- inversion ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu")
-                                     if b in L.backends._registry["modulated_conv2d"] and L.available_backends()[b]])
+MODCONV_BACKENDS = [b for b in ("reference", "cpu")
+                    if b in L.backends._registry["modulated_conv2d"] and L.available_backends()[b]]
+
+
+@pytest.mark.parametrize("backend", MODCONV_BACKENDS)
 def test_batch_invariance_32(gen, backend):
-    """invert(x[k:k+1]) == invert(x)[k] for a batch of 32: losses per image, random streams per image."""
+    """invert(x[k:k+1]) == invert(x)[k] for a batch of 32: losses per image, random streams per image.
+
+    Exact equality is checked in float64 (next test). In fp32 the results of two batch sizes differ: oneDNN and MKL
+    pick batch-size-dependent algorithms, and Adam's normalised steps carry their rounding on, sometimes as a
+    discrete jump (a rounding that flips a branch). How far is CPU-dependent: 1e-6 here on the AVX2 CI machine
+    (also with ATen's scalar kernels or oneDNN limited to SSE4.1), above 2e-5 on a 16-core AVX-512 Xeon, 1e-3 with
+    LPIPS below. Bugs that mix the images of a batch measured 0.25 here (noise maps renormalised, or regularised,
+    over the whole batch): the bound sits between, a decade from each."""
     g, anchors = gen
     x, _ = targets(g, 32)
     with L.use_backend(modulated_conv2d=backend):
@@ -110,25 +120,30 @@ def test_batch_invariance_32(gen, backend):
         full = inv.invert(x)
         for k in (0, 13, 31):
             one = inv.invert(x[k:k + 1])
-            assert torch.allclose(one.latents, full.latents[k:k + 1], atol=2e-5, rtol=0)
+            assert torch.allclose(one.latents, full.latents[k:k + 1], atol=1e-2, rtol=0)
             for a, b in zip(one.noises, full.noises):
-                assert torch.allclose(a, b[k:k + 1], atol=2e-5, rtol=0)
-            assert torch.allclose(one.images, full.images[k:k + 1], atol=2e-5, rtol=0)
+                assert torch.allclose(a, b[k:k + 1], atol=1e-2, rtol=0)
+            assert torch.allclose(one.images, full.images[k:k + 1], atol=1e-2, rtol=0)
             for name in ("loss", "psnr", "sncd", "mse"):
-                assert torch.allclose(getattr(one, name), getattr(full, name)[k:k + 1], rtol=1e-4, atol=1e-6), name
+                assert torch.allclose(getattr(one, name), getattr(full, name)[k:k + 1], rtol=1e-3, atol=1e-5), name
         # a batch made of the same images in another order gives the same per-image results
         perm = torch.tensor([31, 0, 13])
         shuffled = inv.invert(x[perm])
-        assert torch.allclose(shuffled.latents, full.latents[perm], atol=2e-5, rtol=0)
+        assert torch.allclose(shuffled.latents, full.latents[perm], atol=1e-2, rtol=0)
 
 
-def test_batch_invariance_is_exact_in_float64(gen):
+@pytest.mark.parametrize("backend", MODCONV_BACKENDS)
+def test_batch_invariance_is_exact_in_float64(gen, backend):
+    """float64 rounding is ~1e-16, so the batch-size-dependent algorithms above leave ~1e-15 after the steps: any
+    coupling of the images of a batch (even a loss averaged over it: 1e-5, through Adam's epsilon) shows."""
     g, anchors = gen
     g64 = tiny_generator().double()
     x, _ = targets(g, 6)
-    inv = Inverter(g64, steps=15, anchors=anchors)
-    full, one = inv.invert(x.double()), inv.invert(x[4:5].double())
+    with L.use_backend(modulated_conv2d=backend):
+        inv = Inverter(g64, steps=15, anchors=anchors)
+        full, one = inv.invert(x.double()), inv.invert(x[4:5].double())
     assert (one.latents - full.latents[4:5]).abs().max().item() < 1e-12
+    assert max((a - b[4:5]).abs().max().item() for a, b in zip(one.noises, full.noises)) < 1e-12
 
 
 def test_inversion_fits_and_sncd_term_aligns(gen):
@@ -216,6 +231,94 @@ def test_bad_images_are_refused(gen):
         Inverter(g, sncd_weight=-1)
     with pytest.raises(ValueError, match="perceptual must be None, 'lpips'"):
         Inverter(g, perceptual="vgg")
+
+
+# ---- precision ------------------------------------------------------------------------------------------
+BF16_CASES = [pytest.param("reference", None, id="reference")] + (
+    [pytest.param("cpu", None, id="cpu"), pytest.param("cpu", True, id="cpu-bf16-conv")]
+    if "cpu" in L.backends._registry["modulated_conv2d"] and L.available_backends()["cpu"] else [])
+
+
+@pytest.mark.parametrize("backend,conv_bf16", BF16_CASES)
+def test_bf16_inversion_is_close_to_fp32_and_keeps_fp32_state(gen, backend, conv_bf16, monkeypatch):
+    """precision="bf16": the modulated convolutions see bf16 activations and weights; latents, noise maps, Adam's
+    state, images and losses stay fp32; the result is near the fp32 one (not equal: bf16 really ran).
+    "cpu-bf16-conv": the C++ backend's convolutions in bf16, as on CPUs with oneDNN bf16 kernels (AVX512-BF16,
+    AMX); elsewhere it runs them in fp32 on bf16-rounded operands."""
+    from lsap_kernels.models import stylegan2
+
+    if conv_bf16 is not None:
+        from lsap_kernels.ops.modconv import cpu as modconv_cpu
+
+        monkeypatch.setattr(modconv_cpu, "FORCE_CONV_BF16", conv_bf16)
+    g, anchors = gen
+    x, _ = targets(g, 3)
+    conv_dtypes, optimisers = set(), []
+    real_conv = stylegan2.modulated_conv2d
+
+    def recording_conv(x, weight, styles, **kw):
+        conv_dtypes.add((x.dtype, weight.dtype, styles.dtype))
+        return real_conv(x, weight, styles, **kw)
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            optimisers.append(self)
+
+    monkeypatch.setattr(stylegan2, "modulated_conv2d", recording_conv)
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    with L.use_backend(modulated_conv2d=backend):
+        fp32 = Inverter(g, steps=30, anchors=anchors).invert(x)
+        assert conv_dtypes == {(torch.float32,) * 3}
+        conv_dtypes.clear()
+        inv = Inverter(g, steps=30, anchors=anchors, precision="bf16")
+        bf16 = inv.invert(x)
+    assert conv_dtypes == {(torch.bfloat16,) * 3}
+    assert g.precision == "fp32" and inv.config()["precision"] == "bf16"  # set for the run only
+    assert bf16.backends["modulated_conv2d"] == backend
+    state = optimisers[-1].state
+    assert len(state) == 1 + len(g.noise_shapes())
+    for param, st in state.items():
+        assert param.dtype == torch.float32 and st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+    for r in (bf16, fp32):
+        tensors = [r.latents, r.images, r.loss, r.psnr, r.sncd, r.mse, *r.noises]
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors)
+    assert not torch.equal(bf16.latents, fp32.latents)
+    # bf16 keeps ~3 significant digits. Measured here (30 steps): PSNRs within 0.03 dB of fp32, bf16-vs-fp32
+    # reconstructions at 26-33 dB (fits at 11-16 dB), latents within 0.06; bounds with room for other CPUs.
+    start = Inverter(g, steps=1, anchors=anchors).invert(x).psnr
+    assert (fp32.psnr > start + 3).all() and (bf16.psnr > start + 3).all()
+    assert (bf16.psnr - fp32.psnr).abs().max() < 0.5, (bf16.psnr, fp32.psnr)
+    assert (psnr(bf16.images, fp32.images) > fp32.psnr + 5).all()
+    assert (bf16.latents - fp32.latents).abs().max() < 0.25
+
+
+def test_precision_choice_and_errors(gen, monkeypatch):
+    g, anchors = gen
+    x, _ = targets(g, 1)
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
+        Inverter(g, precision="fp16")
+    # default: the generator's own precision; an explicit one holds for the run and is restored
+    g16 = tiny_generator()
+    g16.precision = "bf16"
+    assert Inverter(g16, anchors=anchors).config()["precision"] == "bf16"
+    inv = Inverter(g16, steps=1, anchors=anchors, precision="fp32")
+    assert inv.config()["precision"] == "fp32" and inv.invert(x).images.dtype == torch.float32
+    assert g16.precision == "bf16"
+    # a forced backend that cannot run bf16: refused when the Inverter is made and when it runs
+    impls = dict(L.backends._registry["modulated_conv2d"])
+    ref = impls["reference"]
+    impls["reference"] = L.backends.Impl(ref.fn, ref.devices, (torch.float32, torch.float64))
+    monkeypatch.setitem(L.backends._registry, "modulated_conv2d", impls)
+    late = Inverter(g, steps=1, anchors=anchors, precision="bf16")
+    with L.use_backend(modulated_conv2d="reference"):
+        with pytest.raises(ValueError, match="precision='bf16' cannot run with the modulated_conv2d backend forced "
+                                             "here: .*takes dtypes"):
+            Inverter(g, anchors=anchors, precision="bf16")
+        with pytest.raises(ValueError, match="precision='bf16' cannot run"):
+            late.invert(x)
+        assert g.precision == "fp32"
+        Inverter(g, steps=1, anchors=anchors, precision="fp32").invert(x)  # fp32 is fine there
 
 
 # ---- LPIPS ----------------------------------------------------------------------------------------------
@@ -339,9 +442,10 @@ def test_inverter_with_lpips(gen, lpips_files):
     assert torch.allclose(r.lpips, inv.perceptual(r.images, x), atol=1e-6)
     assert inv.config()["perceptual"] == "lpips-vgg"
     one = inv.invert(x[1:])
-    # The LPIPS backbone's oneDNN convs may pick another algorithm for batch 1 than for 2; Adam's normalised
-    # steps carry that fp32 rounding to ~1e-3 (the LPIPS-free batch-invariance test holds 2e-5).
-    assert torch.allclose(one.latents, r.latents[1:], atol=5e-3)
+    # fp32, batch 1 against 2: not bitwise equal (see test_batch_invariance_32). Measured here: 1.05e-3 in the
+    # latents, from one discrete change (the same jump moves to the other run with oneDNN off; float64: 1e-15);
+    # an image-mixing bug (batch-wide noise renormalisation): 0.14.
+    assert torch.allclose(one.latents, r.latents[1:], atol=1e-2, rtol=0)
 
 
 # ---- editing --------------------------------------------------------------------------------------------

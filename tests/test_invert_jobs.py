@@ -212,7 +212,9 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(setup, tmp_path):
     # and every result is what an uninterrupted inversion gives (per-image streams: batch-independent)
     for k, rec in enumerate(lines):
         lat, _ = load_latents(out / rec["latents"])
-        assert torch.allclose(lat, expected.latents[k], atol=1e-3), rec["id"]  # fp drift over the steps
+        # fp32 results of different batch sizes drift apart (jumps up to 1e-3 seen here, more on a 16-core Xeon);
+        # exact batch independence is tested in float64 (test_invert.py); a mixing bug moves latents by ~0.1-1
+        assert torch.allclose(lat, expected.latents[k], atol=1e-2), rec["id"]
 
 
 def test_torchrun_shards_across_two_ranks(setup, tmp_path):
@@ -233,7 +235,7 @@ def test_torchrun_shards_across_two_ranks(setup, tmp_path):
     assert [r["rank"] for r in lines] == [0, 1] * (n // 2)  # disjoint slices of the work
     for k, rec in enumerate(lines):
         lat, _ = load_latents(out / rec["latents"])
-        assert torch.allclose(lat, expected.latents[k], atol=2e-5)
+        assert torch.allclose(lat, expected.latents[k], atol=1e-2)  # batches of 2 vs 6: fp32 drift, as above
     assert (out / "grid.png").is_file() and not list(out.rglob("*.tmp"))
 
 
@@ -292,6 +294,49 @@ def test_bad_inputs_fail_clearly_and_lose_nothing(setup, tmp_path, capsys):
     fails("--resume", "--out", out, match="img01.png")
     assert len(list((out / "records").iterdir())) == 2 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
     fails("--resume", "--out", tmp_path / "empty", match="holds no job")
+
+
+def test_precision_is_recorded_and_a_resume_must_match_it(setup, tmp_path, capsys):
+    g, ckpt = setup
+    write_images(tmp_path / "in", 3)
+    common = ["--steps", 6, "--batch-size", 3, "--anchor-samples", ANCHOR_SAMPLES, "--no-progress"]
+    out = tmp_path / "job"
+    assert run_cli(tmp_path / "in", "--out", out, "--checkpoint", ckpt, "--precision", "bf16", *common) == 0
+    assert "bf16" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["precision"] == "bf16"
+    job, res = expected_results(g, out, 6, precision="bf16")
+    fp32 = Inverter(g, steps=6, anchors=cached_anchors(g, "lsap", n_samples=ANCHOR_SAMPLES)).invert(
+        load_items(job.items, g.size))
+    for k, it in enumerate(job.items):
+        lat, noises = load_latents(out / "latents" / f"{it.id}.pt")
+        assert lat.dtype == torch.float32 and all(n.dtype == torch.float32 for n in noises)
+        assert torch.allclose(lat, res.latents[k], atol=1e-5)  # the job is the bf16 inversion ...
+        assert not torch.allclose(lat, fp32.latents[k], atol=1e-5)  # ... not the fp32 one
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # a resume in another precision is another job: refused, nothing touched
+    records = sorted((out / "records").iterdir())
+    records[0].unlink()
+    assert run_cli("--resume", "--out", out, "--precision", "fp32", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "is a different job" in err and "precision: job has 'bf16', now 'fp32'" in err, err
+    assert not records[0].exists()
+    # without --precision the job's own is used
+    assert run_cli("--resume", "--out", out, "--no-progress") == 0
+    assert "3/3 images done (1 this run, 2 already finished)" in capsys.readouterr().out
+    # the redone image (a batch of 1 now) is the bf16 result: batch drift measured 4e-7, bf16 vs fp32 2e-2
+    lat, _ = load_latents(out / "latents" / f"{job.items[0].id}.pt")
+    assert torch.allclose(lat, res.latents[0], atol=4e-3) and not torch.allclose(lat, fp32.latents[0], atol=4e-3)
+    assert {p for p in out.rglob("*") if p.is_file()} == set(before)
+    # a job written before the option existed ran in fp32
+    del manifest["config"]["precision"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("--resume", "--out", out, "--precision", "bf16", "--no-progress") == 2
+    assert "precision: job has 'fp32', now 'bf16'" in capsys.readouterr().err
+    assert run_cli("--resume", "--out", out, "--precision", "fp32", "--no-progress") == 0
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        run_cli(tmp_path / "in", "--out", tmp_path / "j2", "--checkpoint", ckpt, "--precision", "fp16", *common)
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 def test_job_api_shards_disjointly():

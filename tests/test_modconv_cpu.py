@@ -221,6 +221,60 @@ def test_weight_gradient_work_only_when_asked():
     assert backward_scale_passes(True) == 1
 
 
+@pytest.mark.parametrize("up", [1, 2])
+def test_frozen_weight_runs_no_weight_gradient_convolution(up, capfd, monkeypatch):
+    """oneDNN's own log (verbose mode) of the backward: the input-gradient convolution runs either way, the
+    weight-gradient convolution only when the weight requires grad."""
+    monkeypatch.setenv("LSAP_MODCONV_CONV", "onednn")  # the input gradient on oneDNN too, so that it logs
+    tensors = case(2, 8, 6, 8, 3, up, seed=14)
+
+    def onednn_backward_kinds(weight_grad):
+        leaves = {n: t.detach().float().requires_grad_(n != "weight" or weight_grad) for n, t in tensors.items()}
+        out = L.modulated_conv2d(**leaves, up=up, backend="cpu")
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            out.sum().backward()
+        lines = [ln for ln in capfd.readouterr().out.splitlines()  # up=2's backward: oneDNN "deconvolution"
+                 if ",exec," in ln and (",convolution," in ln or ",deconvolution," in ln)]
+        return {kind for kind in ("backward_data", "backward_weights") if any(f",{kind}," in ln for ln in lines)}
+
+    assert onednn_backward_kinds(True) == {"backward_data", "backward_weights"}
+    assert onednn_backward_kinds(False) == {"backward_data"}
+
+
+def test_pointwise_demodulated_op_bit_identical_across_thread_counts():
+    """A 1×1 convolution with few outputs and a frozen weight runs only our passes (pointwise forward and backward,
+    demodulation, epilogue with broadcast noise, style gradient with its demodulation term): same bits with 1 and
+    2 threads, several work items each."""
+    batch, cin, cout, size = 3, 80, 5, 40
+    tensors = {"x": _rand(batch, cin, size, size, seed=1).float(), "styles": _rand(batch, cin, seed=2).float(),
+               "noise": _rand(1, 1, size, size, seed=3).float(), "noise_strength": torch.tensor(0.3),
+               "bias": _rand(cout, seed=4).float()}
+    weight = _rand(cout, cin, 1, 1, seed=5).float()
+    g = _rand(batch, cout, size, size, seed=6).float()
+
+    def run_once():
+        leaves = {n: t.clone().requires_grad_(True) for n, t in tensors.items()}
+        out = L.modulated_conv2d(leaves["x"], weight, leaves["styles"], noise=leaves["noise"],
+                                 noise_strength=leaves["noise_strength"], bias=leaves["bias"], clamp=2.0,
+                                 backend="cpu")
+        out.backward(g)
+        return [out] + [t.grad for t in leaves.values()]
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_once()
+        torch.set_num_threads(2)
+        two = run_once()
+    finally:
+        torch.set_num_threads(old)
+    names = ["out", *tensors]
+    assert all(t is not None and torch.isfinite(t).all() for t in one)
+    for name, a, b in zip(names, one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+
+
 def test_double_backward_raises():
     tensors = case(2, 3, 4, 5, 3, 1, seed=10)
     leaves = {n: t.detach().requires_grad_(True) for n, t in tensors.items()}
@@ -437,3 +491,94 @@ def test_generator_gradients_match_reference(size, channels, batch):
     errs = [rel_err(a, b) for a, b in zip(gn, rgn)]
     assert max(errs) < (tol if ref_dtype == torch.float64 else 1e-2), errs
     assert rel_err(torch.cat([n.flatten() for n in gn]), torch.cat([n.flatten() for n in rgn])) < max(tol, 1e-3)
+
+
+# ---- the stride-1 3×3 convolution: oneDNN and Winograd F(2×2, 3×3) (csrc/winograd_cpu.cpp) -----------------------
+
+# batch, Cin, Cout, H, W: odd and even sides 4…9, channels 1/3/5/17, batch 1/5
+CONV_SHAPES = [(1, 1, 3, 4, 5), (5, 3, 17, 7, 4), (1, 17, 5, 9, 9), (5, 5, 1, 6, 8), (1, 17, 17, 5, 7)]
+
+
+def _conv_case(batch, cin, cout, h, w, seed=0):
+    """A 3×3 layer's inputs at generator scale: x after leaky-ReLU·√2, N(0, 1) weights, styles around 1."""
+    x = F.leaky_relu(_rand(batch, cin, h, w, seed=seed), 0.2) * math.sqrt(2)
+    return {"x": x, "weight": _rand(cout, cin, 3, 3, seed=seed + 1),
+            "styles": 1 + 0.3 * _rand(batch, cin, seed=seed + 2), "noise": _rand(batch, 1, h, w, seed=seed + 3),
+            "noise_strength": torch.tensor(0.3, dtype=torch.float64), "bias": _rand(cout, seed=seed + 4)}
+
+
+@pytest.mark.parametrize("conv", ["onednn", "winograd"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_3x3_conv_paths_match_formula(shape, conv, monkeypatch, poisoned):
+    """Both convolution paths of the up=1 3×3 layer, forced through LSAP_MODCONV_CONV: output and every gradient
+    (the weight's too: there the forward and input gradient are Winograd's, the weight gradient oneDNN's) against
+    the float64 formula. One input channel: no demodulation (it would make the output independent of the style,
+    whose gradient is then zero up to rounding)."""
+    monkeypatch.setenv("LSAP_MODCONV_CONV", conv)
+    tensors = _conv_case(*shape)
+    opts = {"demodulate": shape[1] > 1}
+    out, grads = run(tensors, opts, torch.float32, "cpu")
+    ref_out, ref_grads = run_formula(tensors, opts)
+    assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
+
+
+def test_winograd_accuracy_at_generator_width(monkeypatch):
+    """Winograd at 256 channels (the sums over channels are long, as in the generator): output and the gradients
+    the convolution feeds (x, styles) with a frozen weight within SPEC §5's float32 bound of the float64 formula."""
+    monkeypatch.setenv("LSAP_MODCONV_CONV", "winograd")
+    tensors = _conv_case(2, 256, 256, 10, 11, seed=20)
+    weight = tensors.pop("weight")
+    leaves = {n: t.float().requires_grad_(True) for n, t in tensors.items()}
+    out = L.modulated_conv2d(leaves["x"], weight.float(), leaves["styles"],
+                             **{n: leaves[n] for n in ("noise", "noise_strength", "bias")}, backend="cpu")
+    g = _rand(*out.shape, seed=30)
+    out.backward(g.float())
+    ref_leaves = {n: t.clone().requires_grad_(True) for n, t in tensors.items()}
+    ref = formula(ref_leaves["x"], weight, ref_leaves["styles"],
+                  **{n: ref_leaves[n] for n in ("noise", "noise_strength", "bias")})
+    ref.backward(g)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    for n in ("x", "styles"):
+        assert rel_err(leaves[n].grad, ref_leaves[n].grad) < TOL[torch.float32], n
+
+
+def test_winograd_op_bit_identical_across_thread_counts(monkeypatch):
+    """With a frozen weight a Winograd 3×3 layer runs only our code (demodulation, Winograd forward and input
+    gradient, epilogue, style gradient): the same bits with 1 and 2 threads, several chunks of tiles each."""
+    monkeypatch.setenv("LSAP_MODCONV_CONV", "winograd")
+    tensors = {n: t.float() for n, t in _conv_case(3, 20, 24, 41, 40, seed=40).items()}
+    weight = tensors.pop("weight")
+    g = _rand(3, 24, 41, 40, seed=50).float()
+
+    def run_once():
+        leaves = {n: t.clone().requires_grad_(True) for n, t in tensors.items()}
+        out = L.modulated_conv2d(leaves["x"], weight, leaves["styles"],
+                                 **{n: leaves[n] for n in ("noise", "noise_strength", "bias")}, backend="cpu")
+        out.backward(g)
+        return [out] + [t.grad for t in leaves.values()]
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_once()
+        torch.set_num_threads(2)
+        two = run_once()
+    finally:
+        torch.set_num_threads(old)
+    assert all(t is not None and torch.isfinite(t).all() for t in one)
+    for name, a, b in zip(["out", *tensors], one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+
+
+def test_generator_gradients_match_reference_on_winograd(monkeypatch):
+    """The small Generator with every 3×3 up=1 convolution on Winograd (its channels are below the default rule's
+    threshold) against the float64 reference backend."""
+    monkeypatch.setenv("LSAP_MODCONV_CONV", "winograd")
+    test_generator_gradients_match_reference(32, {4: 32, 8: 24, 16: 16, 32: 8}, 2)
+
+
+def test_bad_conv_path_env(monkeypatch):
+    monkeypatch.setenv("LSAP_MODCONV_CONV", "fft")
+    t = {n: v.float() for n, v in _conv_case(1, 3, 3, 8, 8).items()}
+    with pytest.raises(RuntimeError, match="LSAP_MODCONV_CONV must be unset, 'onednn' or 'winograd', got 'fft'"):
+        L.modulated_conv2d(t["x"], t["weight"], t["styles"], backend="cpu")

@@ -283,6 +283,36 @@ def test_bad_inputs_are_named():
         StyleLayout.from_channels([3, 0])
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_kernel_checks_raise_python_errors(device):
+    """The C++ kernels' own checks, reached by calling lsap_kernels._C directly (the public ops validate first):
+    a RuntimeError naming the argument, never a crash, and the module still works afterwards. The CUDA entry points
+    are checked with CPU tensors, so this runs wherever the extension was built with CUDA."""
+    need("cpu")
+    from lsap_kernels import _ext
+
+    C = _ext.module()
+    if device == "cuda" and not C.WITH_CUDA:
+        pytest.skip("lsap_kernels._C was built without CUDA")
+    layout = StyleLayout.from_channels([3, 4])
+    styles, anchors = random_inputs(layout, 2, torch.float32, "cpu")
+    offsets = torch.tensor(layout.offsets, dtype=torch.int64)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="sncd_fwd_cuda: styles must be a CUDA tensor, got one on cpu"):
+            C.sncd_fwd_cuda(styles, anchors, offsets, EPS)
+        with pytest.raises(RuntimeError, match="styles must be a CUDA tensor"):
+            C.style_normalize_bwd_cuda(styles, styles, styles, offsets, EPS)
+        return
+    with pytest.raises(RuntimeError, match=r"anchors must have shape \[7\]"):
+        C.sncd_fwd_cpu(styles, anchors[:6], offsets, EPS)
+    with pytest.raises(RuntimeError, match=r"anchors must be a CPU tensor of dtype Float \(the accumulation dtype"):
+        C.sncd_fwd_cpu(styles, anchors.double(), offsets, EPS)
+    with pytest.raises(RuntimeError, match="offsets must be a 1-D int64 CPU tensor"):
+        C.style_normalize_fwd_cpu(styles, offsets.int(), EPS)
+    cos, _ = C.sncd_fwd_cpu(styles, anchors, offsets, EPS)
+    assert torch.allclose(cos.double(), formula_cos(styles, anchors, layout), rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_backend_refuses_anchor_gradients():
     need("cpu")
     layout = StyleLayout.from_channels([3, 4])

@@ -1,6 +1,7 @@
 """``lsap-invert``: LSAP_O inversion of images into a StyleGAN2's W+ as a resumable job (torchrun-shardable).
 
     lsap-invert INPUTS... --out DIR --checkpoint G.pt [--batch-size N] [--steps N] [--sncd-weight X] [--resume]
+                [--precision bf16]
     lsap-invert --demo --out DIR            # embedded default: random-weight generator, no downloads
     torchrun --nproc_per_node=N -m lsap_kernels.invert INPUTS... --out DIR --checkpoint G.pt
 
@@ -21,14 +22,14 @@ import torch
 
 from ..images import grid, save_png, to_uint8
 from .edit import apply_direction, load_direction, parse_layers
-from .inverter import Inverter, backends_used
+from .inverter import PRECISIONS, Inverter, backends_used, generator_precision
 from .jobs import Job, JobError, Ranks, expand_inputs, load_items, remove_stale_temporaries, validate_items
 
 # Settings that change the results: stored in the manifest; on --resume, unset ones come from it.
 DEFAULTS = {"space": "w+", "steps": 1000, "lr": 0.1, "sncd_weight": 0.5, "sncd_layers": "lsap", "pixel_weight": 1.0,
             "perceptual": "none", "lpips_net": "vgg", "lpips_weight": 1.0, "noise_regularize": 1e5, "seed": 0,
             "anchor_samples": 100_000, "format": "pt", "direction": None, "direction_index": None,
-            "strength": [-3.0, 3.0], "edit_layers": None}
+            "strength": [-3.0, 3.0], "edit_layers": None, "precision": "fp32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction-index", type=int, help="which direction of a stack [K, D] (GANSpace component)")
     p.add_argument("--strength", type=float, nargs="+", help="edit strengths (default -3 3)")
     p.add_argument("--edit-layers", help="W+ entries the edit moves, e.g. '0-5', '0:6', '3,4' (default all)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="synthesis precision (default fp32): bf16 runs the generator in bfloat16 (activations and "
+                        "weights, fp32 accumulation) with fp32 latents, noise maps, optimiser state and losses")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; --demo on CPU: 1, which "
                                                "is fastest for its tiny layers and robust to a busy machine)")
@@ -122,7 +126,7 @@ def _make_inverter(g, s: dict, args) -> Inverter:
                     perceptual=None if s["perceptual"] == "none" else "lpips", perceptual_weight=s["lpips_weight"],
                     lpips_net=s["lpips_net"], lpips_backbone=args.lpips_backbone, lpips_lin=args.lpips_lin,
                     noise_regularize=s["noise_regularize"], seed=s["seed"], anchor_samples=s["anchor_samples"],
-                    cache_dir=args.cache_dir)
+                    cache_dir=args.cache_dir, precision=s["precision"])
 
 
 def _png_writer(image: torch.Tensor):
@@ -175,6 +179,7 @@ def _run_job(args, ranks: Ranks) -> int:
             raise JobError(f"{args.out} already holds a job (manifest.json); pass --resume to continue it, or choose "
                            "another --out. Nothing was changed.")
         stored = job.load()
+        stored["config"].setdefault("precision", "fp32")  # jobs from before the option ran in fp32
     elif args.resume and not args.inputs:
         raise JobError(f"--resume: {args.out} holds no job (no manifest.json) and no INPUTS were given")
     checkpoint = args.checkpoint or (stored["generator"]["source"] if stored else None)
@@ -236,7 +241,7 @@ def _run_job(args, ranks: Ranks) -> int:
         if direction is not None:
             layers = parse_layers(settings["edit_layers"], g.n_latent)
             stem = Path(settings["direction"]).stem
-            with torch.no_grad():
+            with torch.no_grad(), generator_precision(g, settings["precision"]):  # as the reconstructions
                 for s in settings["strength"]:
                     edited = apply_direction(res.latents, direction.to(res.latents), s, layers)
                     edits[f"{stem}_{s:+g}"] = g.synthesis(edited, noise=res.noises)
@@ -259,14 +264,15 @@ def _run_job(args, ranks: Ranks) -> int:
         print(f"lsap-invert: {len(records)}/{n_total} images done ({len(pending)} this run, {n_total - len(pending)} "
               f"already finished); mean PSNR {mean('psnr'):.2f} dB, mean SNCD {mean('sncd'):.4f}; rank 0: "
               f"{len(mine) * settings['steps'] / max(seconds, 1e-9):.1f} image-steps/s on {device} "
-              f"({', '.join(f'{k}={v}' for k, v in backends_used(device).items())})")
+              f"({', '.join(f'{k}={v}' for k, v in backends_used(device, precision=settings['precision']).items())}, "
+              f"{settings['precision']})")
         print(f"wrote {job.root / 'metrics.jsonl'}" + (f" and {grid_path}" if grid_path else ""))
     return 0 if len(job.pending()) == 0 or ranks.rank != 0 else 1
 
 
 # ---- the embedded default ------------------------------------------------------------------------------
 DEMO_SIZE, DEMO_STYLE_DIM, DEMO_CHANNELS = 32, 64, {4: 64, 8: 64, 16: 32, 32: 32}
-DEMO_STEPS, DEMO_BATCH = 120, 6
+DEMO_STEPS, DEMO_BATCH, DEMO_ANCHOR_SAMPLES = 120, 6, 20_000
 
 
 def demo_generator(seed: int = 0, device: str | torch.device = "cpu"):
@@ -282,6 +288,17 @@ def demo_generator(seed: int = 0, device: str | torch.device = "cpu"):
     return g.to(device).eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def demo_targets(g, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's target images [batch, 3, R, R] (clamped to [-1, 1]) and their true W codes: mapped z and fresh
+    noise maps from the stream seeded ``seed + 1``, rendered by ``g`` in its own precision."""
+    rng = torch.Generator().manual_seed(seed + 1)
+    device = g.latent_avg.device
+    w_true = g.mapping(torch.randn(batch, g.style_dim, generator=rng).to(device))
+    noise = [n.to(device) for n in g.make_noise(batch, generator=rng)]
+    return g.synthesis(w_true, noise=noise).clamp(-1, 1), w_true
+
+
 def run_demo(args) -> int:
     from ..metrics import SNCD, cached_anchors
 
@@ -295,16 +312,15 @@ def run_demo(args) -> int:
     batch = DEMO_BATCH if args.batch_size is None else args.batch_size
     if batch < 1:
         raise JobError(f"--batch-size must be >= 1, got {batch}")
-    rng = torch.Generator().manual_seed(seed + 1)
-    anchors = cached_anchors(g, args.sncd_layers or "lsap", n_samples=args.anchor_samples or 20_000, cache_dir=False)
+    anchors = cached_anchors(g, args.sncd_layers or "lsap", n_samples=args.anchor_samples or DEMO_ANCHOR_SAMPLES,
+                             cache_dir=False)
+    targets, w_true = demo_targets(g, batch, seed)
     with torch.no_grad():
-        w_true = g.mapping(torch.randn(batch, g.style_dim, generator=rng).to(device))
-        noise = [n.to(device) for n in g.make_noise(batch, generator=rng)]
-        targets = g.synthesis(w_true, noise=noise).clamp(-1, 1)
         true_sncd = SNCD(g, layers=args.sncd_layers or "lsap", anchors=anchors)(w_true)
     lam = args.sncd_weight if args.sncd_weight is not None else DEFAULTS["sncd_weight"]
+    precision = args.precision or DEFAULTS["precision"]
     common = dict(space=args.space or "w+", steps=steps, lr=args.lr or DEFAULTS["lr"], anchors=anchors,
-                  sncd_layers=args.sncd_layers or "lsap", seed=seed)
+                  sncd_layers=args.sncd_layers or "lsap", seed=seed, precision=precision)
     runs = {}
     for label, weight in ((f"projector (λ=0)", 0.0), (f"LSAP_O (λ={lam:g})", lam)):
         bar = _progress(steps * batch, not args.no_progress, label)
@@ -318,18 +334,19 @@ def run_demo(args) -> int:
         bar.close()
     out = Path(args.out)
     save_png(grid(torch.cat([targets] + [r.images for r in runs.values()]), ncol=batch), out / "demo_grid.png")
-    used = backends_used(device)
+    used = backends_used(device, precision=precision)
     backend = ", ".join(f"{k}={v}" for k, v in used.items())
     rows = [{"codes": "true codes (targets)", "psnr": math.inf, "sncd": true_sncd.mean().item()}]
     rows += [{"codes": label, "psnr": r.psnr.mean().item(), "sncd": r.sncd.mean().item(),
               "image_steps_per_s": r.image_steps_per_s} for label, r in runs.items()]
     total = time.perf_counter() - t_start
     summary = {"generator": {"size": g.size, "style_dim": g.style_dim, "channels": DEMO_CHANNELS, "seed": seed},
-               "batch": batch, "steps": steps, "device": str(device), "backends": used, "rows": rows,
-               "seconds": total}
+               "batch": batch, "steps": steps, "device": str(device), "precision": precision, "backends": used,
+               "rows": rows, "seconds": total}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"LSAP_O inversion of {batch} images of a seeded random-weight {g.size}² generator, {steps} Adam steps "
-          f"in {common['space'].upper()}, on {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
+          f"in {common['space'].upper()}, on {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+          + (", synthesis in bf16" if precision == "bf16" else ""))
     print(f"{'codes':24s} {'PSNR dB':>8s} {'SNCD':>8s} {'img-steps/s':>12s}  backend")
     for r in rows:
         speed = f"{r['image_steps_per_s']:12.1f}" if "image_steps_per_s" in r else f"{'':12s}"

@@ -14,6 +14,7 @@ unless ``ids=`` names it. So ``invert(x[k:k+1])`` equals ``invert(x)[k]`` up to 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -28,6 +29,7 @@ from .. import backends
 from ..metrics import SNCDLoss
 
 SPACES = ("w+", "w")
+PRECISIONS = ("fp32", "bf16")
 
 
 # ---- schedule --------------------------------------------------------------------------------------------
@@ -100,9 +102,39 @@ def content_key(image: torch.Tensor) -> str:
     return hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()[:16]
 
 
-def backends_used(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:
-    """The backend each op of an inversion step runs on for this device and dtype."""
-    return {op: backends.chosen_backend(op, device, dtype) for op in ("modulated_conv2d", "sncd")}
+def backends_used(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  precision: str = "fp32") -> dict[str, str]:
+    """The backend each op of an inversion step runs on for this device, latent dtype and synthesis precision
+    (with "bf16" the modulated convolutions see bfloat16 activations; the SNCD term always sees the latents)."""
+    conv_dtype = torch.bfloat16 if precision == "bf16" else dtype
+    return {"modulated_conv2d": backends.chosen_backend("modulated_conv2d", device, conv_dtype),
+            "sncd": backends.chosen_backend("sncd", device, dtype)}
+
+
+@contextlib.contextmanager
+def generator_precision(generator: nn.Module, precision: str):
+    """Run ``generator``'s synthesis in ``precision`` ("fp32" | "bf16", see ``Generator``) inside the block."""
+    old, generator.precision = generator.precision, precision
+    try:
+        yield
+    finally:
+        generator.precision = old
+
+
+def check_precision(precision, device: torch.device) -> None:
+    """Refuse an unknown precision, and bf16 where the device or the modulated_conv2d backend cannot run it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "bf16":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16': the GPU {torch.cuda.get_device_name(device)} ({device}) has no "
+                         "bfloat16 support; use precision='fp32'")
+    try:
+        backends.select("modulated_conv2d", device, torch.bfloat16)
+    except backends.BackendError as exc:
+        raise ValueError(f"precision='bf16' cannot run with the modulated_conv2d backend forced here: {exc}. Use "
+                         "precision='fp32', or a backend that takes bfloat16 (cpu, reference)") from exc
 
 
 # ---- result ----------------------------------------------------------------------------------------------
@@ -186,7 +218,10 @@ class Inverter:
     ``lpips_backbone`` / ``lpips_lin``, or ``$LSAP_LPIPS_BACKBONE`` / ``$LSAP_LPIPS_LIN``), or a module
     ``(x, y) -> [B]``. Images above 256² are average-pooled to 256² for it, as the projector does.
     ``anchors``: packed SNCD anchors; default ``cached_anchors`` with ``anchor_samples`` samples in ``cache_dir``.
-    The generator is frozen (``requires_grad_(False)``) while ``invert`` runs and restored afterwards.
+    ``precision``: "fp32" or "bf16" — the generator's synthesis in bfloat16 (activations and weights; fp32
+    accumulation in the kernels) while the latents, noise maps, Adam state and every loss stay in the latents'
+    dtype (fp32); None (default): the generator's own ``precision``. The generator is frozen
+    (``requires_grad_(False)``) and set to this precision while ``invert`` runs, and restored afterwards.
     """
 
     def __init__(self, generator: nn.Module, space: str = "w+", steps: int = 1000, lr: float = 0.1,
@@ -195,7 +230,8 @@ class Inverter:
                  initial_noise_factor: float = 0.05, noise_ramp: float = 0.75, lr_rampup: float = 0.05,
                  lr_rampdown: float = 0.25, optimize_noise: bool = True, seed: int = 0,
                  anchors: torch.Tensor | None = None, anchor_samples: int = 100_000, cache_dir=None,
-                 n_mean_latent: int = 10_000, lpips_net: str = "vgg", lpips_backbone=None, lpips_lin=None):
+                 n_mean_latent: int = 10_000, lpips_net: str = "vgg", lpips_backbone=None, lpips_lin=None,
+                 precision: str | None = None):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if steps < 1:
@@ -204,6 +240,8 @@ class Inverter:
                         ("perceptual_weight", perceptual_weight), ("noise_regularize", noise_regularize)):
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.precision = getattr(generator, "precision", "fp32") if precision is None else precision
+        check_precision(self.precision, generator.latent_avg.device)
         self.generator = generator
         self.space, self.steps, self.lr = space, int(steps), float(lr)
         self.sncd_weight, self.sncd_layers = float(sncd_weight), sncd_layers
@@ -235,7 +273,8 @@ class Inverter:
                 "perceptual_weight": self.perceptual_weight, "noise_regularize": self.noise_regularize,
                 "initial_noise_factor": self.initial_noise_factor, "noise_ramp": self.noise_ramp,
                 "lr_rampup": self.lr_rampup, "lr_rampdown": self.lr_rampdown, "optimize_noise": self.optimize_noise,
-                "seed": self.seed, "anchor_samples": self.anchor_samples, "n_mean_latent": self.n_mean_latent}
+                "seed": self.seed, "anchor_samples": self.anchor_samples, "n_mean_latent": self.n_mean_latent,
+                "precision": self.precision}
 
     @property
     def device(self) -> torch.device:
@@ -311,6 +350,7 @@ class Inverter:
         g = self.generator
         target = self._check_images(images)
         batch, device, dtype = target.shape[0], self.device, self.dtype
+        check_precision(self.precision, device)  # again: a backend may have been forced since __init__
         keys = [str(k) for k in ids] if ids is not None else [content_key(x) for x in target]
         if len(keys) != batch:
             raise ValueError(f"ids must have one entry per image ({batch}), got {len(keys)}")
@@ -319,65 +359,71 @@ class Inverter:
 
         flags = [p.requires_grad for p in g.parameters()]
         g.requires_grad_(False)
-        try:
-            w_mean, w_std = self.mean_latent()
-            self.sncd_loss()
-            shape = (g.n_latent, g.style_dim) if self.space == "w+" else (g.style_dim,)
-            if init is None:
-                latent = w_mean.expand(batch, *shape).clone()
-            else:
-                init = init.detach().to(device, dtype)
-                if init.dim() == 2 and self.space == "w+":
-                    init = init[:, None].expand(-1, g.n_latent, -1)
-                if tuple(init.shape) != (batch, *shape):
-                    raise ValueError(f"init must have shape {[batch, *shape]} for space={self.space!r}, "
-                                     f"got {tuple(init.shape)}")
-                latent = init.clone()
-            latent.requires_grad_(True)
-            # Initial noise maps, drawn per image (make_noise's order), then its latent noise stream.
-            noises = [torch.cat([torch.randn(1, 1, h, w, generator=r) for r in rngs]).to(device, dtype)
-                      for h, w in g.noise_shapes()]
-            params = [latent] + ([n.requires_grad_(True) for n in noises] if self.optimize_noise else [])
-            opt = torch.optim.Adam(params, lr=self.lr)
+        with generator_precision(g, self.precision):
+            try:
+                return self._optimise(target, keys, seeds, rngs, init, callback)
+            finally:
+                for p, f in zip(g.parameters(), flags):
+                    p.requires_grad_(f)
 
-            def to_w_plus(lat):
-                return lat if self.space == "w+" else lat[:, None].expand(-1, g.n_latent, -1)
+    def _optimise(self, target, keys, seeds, rngs, init, callback) -> InversionResult:
+        g, batch, device, dtype = self.generator, target.shape[0], self.device, self.dtype
+        w_mean, w_std = self.mean_latent()
+        self.sncd_loss()
+        shape = (g.n_latent, g.style_dim) if self.space == "w+" else (g.style_dim,)
+        if init is None:
+            latent = w_mean.expand(batch, *shape).clone()
+        else:
+            init = init.detach().to(device, dtype)
+            if init.dim() == 2 and self.space == "w+":
+                init = init[:, None].expand(-1, g.n_latent, -1)
+            if tuple(init.shape) != (batch, *shape):
+                raise ValueError(f"init must have shape {[batch, *shape]} for space={self.space!r}, "
+                                 f"got {tuple(init.shape)}")
+            latent = init.clone()
+        latent.requires_grad_(True)
+        # Initial noise maps, drawn per image (make_noise's order), then its latent noise stream.
+        noises = [torch.cat([torch.randn(1, 1, h, w, generator=r) for r in rngs]).to(device, dtype)
+                  for h, w in g.noise_shapes()]
+        params = [latent] + ([n.requires_grad_(True) for n in noises] if self.optimize_noise else [])
+        opt = torch.optim.Adam(params, lr=self.lr)
 
-            t0 = time.perf_counter()
-            for step in range(self.steps):
-                t = step / self.steps
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(t, self.lr, self.lr_rampdown, self.lr_rampup)
-                strength = latent_noise_strength(t, w_std, self.initial_noise_factor, self.noise_ramp)
-                lat = latent
-                if strength > 0:
-                    draw = torch.stack([torch.randn(shape, generator=r) for r in rngs]).to(device, dtype)
-                    lat = latent + strength * draw
-                w_plus = to_w_plus(lat)
-                img = g.synthesis(w_plus, noise=noises)
-                loss, mse, _, s = self._per_image_terms(img, target, noises, w_plus, self.sncd_weight > 0)
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-                if self.optimize_noise:
-                    noise_normalize_(noises)
-                if callback is not None:
-                    with torch.no_grad():
-                        callback(step, {"loss": loss.mean().item(),
-                                        "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean().item(),
-                                        "sncd": s.mean().item()})
-            seconds = time.perf_counter() - t0
+        def to_w_plus(lat):
+            return lat if self.space == "w+" else lat[:, None].expand(-1, g.n_latent, -1)
 
-            with torch.no_grad():
-                latent = latent.detach()
-                noises = [n.detach() for n in noises]
-                w_plus = to_w_plus(latent).contiguous()
-                img = g.synthesis(w_plus, noise=noises)
-                loss, mse, lp, s = self._per_image_terms(img, target, noises, w_plus, False)
-                return InversionResult(
-                    latents=w_plus, noises=noises, images=img, loss=loss.float(), mse=mse.float(),
-                    psnr=psnr(img, target), sncd=s.float(), lpips=None if lp is None else lp.float(),
-                    seeds=seeds, keys=keys, steps=self.steps, seconds=seconds, backends=backends_used(device, dtype))
-        finally:
-            for p, f in zip(g.parameters(), flags):
-                p.requires_grad_(f)
+        t0 = time.perf_counter()
+        for step in range(self.steps):
+            t = step / self.steps
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(t, self.lr, self.lr_rampdown, self.lr_rampup)
+            strength = latent_noise_strength(t, w_std, self.initial_noise_factor, self.noise_ramp)
+            lat = latent
+            if strength > 0:
+                draw = torch.stack([torch.randn(shape, generator=r) for r in rngs]).to(device, dtype)
+                lat = latent + strength * draw
+            w_plus = to_w_plus(lat)
+            img = g.synthesis(w_plus, noise=noises)
+            loss, mse, _, s = self._per_image_terms(img, target, noises, w_plus, self.sncd_weight > 0)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            if self.optimize_noise:
+                noise_normalize_(noises)
+            if callback is not None:
+                with torch.no_grad():
+                    callback(step, {"loss": loss.mean().item(),
+                                    "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean().item(),
+                                    "sncd": s.mean().item()})
+        seconds = time.perf_counter() - t0
+
+        with torch.no_grad():
+            latent = latent.detach()
+            noises = [n.detach() for n in noises]
+            w_plus = to_w_plus(latent).contiguous()
+            img = g.synthesis(w_plus, noise=noises)
+            loss, mse, lp, s = self._per_image_terms(img, target, noises, w_plus, False)
+            return InversionResult(
+                latents=w_plus, noises=noises, images=img, loss=loss.float(), mse=mse.float(),
+                psnr=psnr(img, target), sncd=s.float(), lpips=None if lp is None else lp.float(),
+                seeds=seeds, keys=keys, steps=self.steps, seconds=seconds,
+                backends=backends_used(device, dtype, self.precision))

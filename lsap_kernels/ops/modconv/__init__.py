@@ -11,6 +11,7 @@ from . import reference
 
 backends.register("modulated_conv2d", "reference", reference.modulated_conv2d)
 from . import cpu  # noqa: E402,F401  (registers the "cpu" backend where the C++ extension loaded)
+from . import triton  # noqa: E402,F401  (registers the "triton" backend where triton imports)
 
 ACTIVATIONS = ("lrelu", "linear")
 

@@ -6,9 +6,14 @@ channels_last. ``lsap::modulated_conv2d_backward_cpu`` returns the seven input g
 noise_strength, bias, skip), empty where not asked for: no weight-gradient work unless the weight requires grad.
 Double backward raises.
 
+Convolutions: large 3×3 same-resolution layers (fp32 math) run as Winograd F(2×2, 3×3) in our own C++
+(csrc/winograd_cpu.cpp: 2.25× fewer multiplies, the style scaling folded into its input transform); the others,
+and every weight gradient, through oneDNN. ``LSAP_MODCONV_CONV=onednn`` forces oneDNN everywhere (comparisons).
+
 bfloat16: activations, weights and the op's outputs are bf16; accumulation is fp32. Where oneDNN has bf16 kernels
-(AVX512-BF16/AMX) the convolution runs in bf16; elsewhere the style-scaling pass writes its fp32 operand directly
-and the convolution runs in fp32, so bf16 then saves memory, not time.
+(AVX512-BF16/AMX) the oneDNN convolutions run in bf16; elsewhere the operand is converted to fp32 as it is scaled
+(in the Winograd input transform, or the style-scaling pass) and the convolution runs in fp32, so bf16 then saves
+memory, not time.
 """
 from __future__ import annotations
 

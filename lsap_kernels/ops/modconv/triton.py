@@ -1,0 +1,164 @@
+"""Triton backend of ``modulated_conv2d``: custom ops ``lsap::modulated_conv2d_triton`` (+ ``_backward_triton``)
+with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
+
+The forward op returns (out, conv_out, d): conv_out is what the backward reads — z (up=1) or the transposed conv T
+(up=2, before the blur), empty when the backward needs neither (linear, no clamp, no demodulation: toRGB) — and d
+the fp32 demodulation coefficients. The style scale s·g, Q = Σ_taps W² and d = rsqrt((s·g)² @ Qᵀ + eps) are tiny
+[B, Cin]/[Cout, Cin]/[B, Cout] tensors computed with torch in fp32 (torch's own TF32 switch, off by default,
+governs that one small matmul); every full-size pass is a Triton kernel.
+
+fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
+the 16-bit inputs with fp32 accumulation. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
+Double backward raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import backends
+from .triton_fwd import INTERPRET, cl_empty, needs_conv_out, triton
+
+# TF32 tensor cores for fp32 calls (SPEC §5: < 5e-3 instead of < 1e-5). Read at each call.
+ALLOW_TF32: bool = os.environ.get("LSAP_TRITON_TF32", "") == "1"
+
+_GRAD_NAMES = ("x", "weight", "styles", "noise", "noise_strength", "bias", "skip")
+
+
+def _precision(dtype: torch.dtype, tf32: bool) -> str:
+    return "tf32" if tf32 and dtype == torch.float32 and not INTERPRET else "ieee"
+
+
+if triton is not None:
+    from . import triton_bwd, triton_fwd
+
+    def _on_device(x: Tensor):
+        # Triton launches on the current CUDA device, not the tensors': guard for multi-GPU callers
+        return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+    def _scale_and_demod(weight: Tensor, styles: Tensor, weight_gain: float, demodulate: bool, eps: float):
+        sg = styles.float() * weight_gain
+        if not demodulate:
+            return sg, None
+        q = weight.float().square().sum((2, 3))
+        return sg, torch.rsqrt(sg.square() @ q.t() + eps)
+
+    @torch.library.custom_op("lsap::modulated_conv2d_triton", mutates_args=())
+    def modconv_op(x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
+                   noise_strength: Optional[Tensor], bias: Optional[Tensor], skip: Optional[Tensor],
+                   weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float, clamp: Optional[float],
+                   eps: float, tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+        sg, d = _scale_and_demod(weight, styles, weight_gain, demodulate, eps)
+        with _on_device(x):
+            out, conv_out = triton_fwd.forward(x, weight, sg, d, noise, noise_strength, bias, skip, up, demodulate,
+                                               lrelu, gain, clamp, _precision(x.dtype, tf32))
+        return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)
+
+    @modconv_op.register_fake
+    def _(x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
+          tf32):
+        batch, _, h, w = x.shape
+        cout, k = weight.shape[0], weight.shape[-1]
+        out = cl_empty((batch, cout, h * up, w * up), x.dtype, x.device)
+        if needs_conv_out(demodulate, lrelu, clamp):
+            conv_hw = (h, w) if up == 1 else (2 * h + k - 2, 2 * w + k - 2)
+            conv_out = cl_empty((batch, cout, *conv_hw), x.dtype, x.device)
+        else:
+            conv_out = x.new_empty((0,))
+        d = x.new_empty((batch, cout) if demodulate else (0,), dtype=torch.float32)
+        return out, conv_out, d
+
+    @torch.library.custom_op("lsap::modulated_conv2d_backward_triton", mutates_args=())
+    def modconv_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
+                       noise_strength: Optional[Tensor], bias: Optional[Tensor], conv_out: Tensor, d: Tensor,
+                       weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float,
+                       clamp: Optional[float], eps: float, tf32: bool, mask: list[bool]) -> list[Tensor]:
+        need = dict(zip(_GRAD_NAMES, mask))
+        sg = styles.float() * weight_gain
+        with _on_device(x):
+            dx, dw, dsg, gn, gstrength, gbias, dskip = triton_bwd.backward(
+                grad, x, weight, sg, d if demodulate else None, noise, noise_strength, bias, conv_out, up=up,
+                demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp, precision=_precision(x.dtype, tf32),
+                need_x=need["x"], need_w=need["weight"], need_s=need["styles"], need_noise=need["noise"],
+                need_strength=need["noise_strength"], need_bias=need["bias"], need_skip=need["skip"])
+        grads = {"x": dx, "weight": dw, "styles": None if dsg is None else dsg * weight_gain, "bias": gbias,
+                 "skip": dskip}
+        if need["noise"]:
+            gn = gn.view(grad.shape[0], 1, *grad.shape[-2:]) * noise_strength.float()
+            grads["noise"] = gn.sum(0, keepdim=True) if noise.shape[0] == 1 else gn
+        if need["noise_strength"]:
+            grads["noise_strength"] = gstrength
+        like = {"x": x, "weight": weight, "styles": styles, "noise": noise, "noise_strength": noise_strength,
+                "bias": bias, "skip": grad}
+        return [grads[n].to(like[n].dtype) if need[n] else x.new_empty((0,)) for n in _GRAD_NAMES]
+
+    @modconv_bwd_op.register_fake
+    def _(grad, x, weight, styles, noise, noise_strength, bias, conv_out, d, weight_gain, demodulate, up, lrelu, gain,
+          clamp, eps, tf32, mask):
+        batch, cout, ho, wo = grad.shape
+        shapes = {
+            "x": lambda: cl_empty(x.shape, x.dtype, x.device),
+            "weight": lambda: weight.new_empty(weight.shape),
+            "styles": lambda: styles.new_empty(styles.shape),
+            "noise": lambda: noise.new_empty(noise.shape),
+            "noise_strength": lambda: noise_strength.new_empty(()),
+            "bias": lambda: bias.new_empty(bias.shape),
+            "skip": lambda: cl_empty((batch, cout, ho // 2, wo // 2), grad.dtype, grad.device),
+        }
+        return [shapes[n]() if want else x.new_empty((0,)) for n, want in zip(_GRAD_NAMES, mask)]
+
+    def _setup(ctx, inputs, output):
+        (x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
+         tf32) = inputs
+        _, conv_out, d = output
+        ctx.mark_non_differentiable(conv_out, d)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for conv_out and d
+        ctx.save_for_backward(x, weight, styles, noise, noise_strength, bias, conv_out, d)
+        ctx.args = (weight_gain, demodulate, up, lrelu, gain, clamp, eps, tf32)
+        ctx.has = (noise is not None, noise_strength is not None, bias is not None, skip is not None)
+
+    def _backward(ctx, grad_out, _grad_conv_out, _grad_d):
+        x, weight, styles, noise, noise_strength, bias, conv_out, d = ctx.saved_tensors
+        has_noise, has_strength, has_bias, has_skip = ctx.has
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3] and has_noise, need[4] and has_noise and has_strength,
+                need[5] and has_bias, need[6] and has_skip]
+        if grad_out is None or not any(mask):
+            return (None,) * 15
+        grads = modconv_bwd_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args,
+                               mask)
+        return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * 8
+
+    modconv_op.register_autograd(_backward, setup_context=_setup)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("modulated_conv2d on the 'triton' backend has a hand-written first derivative only: "
+                           "double backward (e.g. a gradient penalty through it) is not supported; run that code with "
+                           "lsap_kernels.use_backend('reference')")
+
+    def _setup_bwd(ctx, inputs, output):
+        pass
+
+    modconv_bwd_op.register_autograd(_no_double_backward, setup_context=_setup_bwd)
+
+    def modulated_conv2d(x, weight, styles, weight_gain, demodulate, up, noise, noise_strength, bias, activation,
+                         gain, clamp, eps, skip):
+        """The ``triton`` backend (arguments already validated by the public ``modulated_conv2d``)."""
+        if noise is None:
+            noise_strength = None
+        elif isinstance(noise_strength, Tensor):
+            noise_strength = noise_strength.to(device=x.device)  # differentiable; the kernels read it on-device
+        else:
+            noise_strength = torch.tensor(float(noise_strength), dtype=torch.float32, device=x.device)
+        out, _, _ = modconv_op(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
+                               bool(demodulate), int(up), activation == "lrelu", float(gain),
+                               None if clamp is None else float(clamp), float(eps), bool(ALLOW_TF32))
+        return out
+
+    backends.register("modulated_conv2d", "triton", modulated_conv2d,
+                      devices=("cuda", "cpu") if INTERPRET else ("cuda",),
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32))

@@ -1,0 +1,342 @@
+"""Triton backward kernels of ``modulated_conv2d`` (SPEC §3), with sg = s·g folded into the conv input u = x·sg:
+
+    g_a = G·gain·act'(a)·[|v| ≤ clamp]    d_bias = Σ_{b,p} g_a    d_noise = strength·Σ_o g_a
+    d_strength = Σ g_a·noise             g_z = g_a·d              g_d[b,o] = Σ_p g_a·z
+    g_u = conv_transpose(g_z, W)         d_x = g_u·sg             d_s = g·(Σ_p g_u·x − sg·Σ_o g_d·d³·Q)
+    d_W = Σ_{b,p} g_z ⋆ u − W·Σ_b g_d·d³·sg²
+
+up=2: z = FIR(T), so g_T = FIRᵀ(g_z) feeds both convolution gradients (the transposed conv's data gradient is an
+ordinary strided gather of g_T, its weight gradient a GEMM over input pixels).
+
+Reductions are deterministic: each program writes fp32 partial sums for its tile, and torch sums the (small)
+partial buffers in a fixed order; no atomics. The partial buffers are sized by the pixel tile, so the kernels that
+write them take BM from a shape heuristic (``pixel_block``) and autotune only the other block sizes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_strides, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .triton_fwd import INTERPRETED, activate, fir_gather, gemm_configs, preactivation, prune_mn, tuned
+
+    @triton.jit
+    def _epilogue_bwd_kernel(g_ptr, zt_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
+                             gb_part_ptr, gn_ptr, gs_part_ptr,
+                             Cout, TH, TW, HO, WO, n_m,
+                             sgb, sgc, sgh, sgw, szb, szc, szh, szw, snb, snh, snw, sob, soc, soh, sow,
+                             gain, clamp,
+                             UP: tl.constexpr, PAD0: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr,
+                             NEED_Z: tl.constexpr, STORE_GZ: tl.constexpr, WANT_GD: tl.constexpr,
+                             WANT_BIAS: tl.constexpr, WANT_NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """One program: BM output pixels of sample b, every channel (so Σ_o g_a per pixel is complete here).
+        Writes g_z, the per-pixel Σ_o g_a, and per-tile partials of g_d, d_bias and d_strength."""
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < HO * WO
+        oy, ox = offs_m // WO, offs_m % WO
+        part_row = (b * n_m + pid_m) * Cout
+        noise_acc = tl.zeros([BM], dtype=tl.float32)
+        for o0 in range(0, Cout, BN):
+            offs_o = o0 + tl.arange(0, BN)
+            mask_o = offs_o < Cout
+            mask = mask_m[:, None] & mask_o[None, :]
+            pix = (oy * sgh + ox * sgw)[:, None]
+            g = tl.load(g_ptr + b * sgb + pix + offs_o[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
+            ga = g * gain
+            z = ga  # only read when NEED_Z
+            if NEED_Z:
+                if UP == 1:
+                    z = tl.load(zt_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
+                                other=0.0).to(tl.float32)
+                else:  # recompute the blur of T rather than storing z
+                    z = fir_gather(zt_ptr, b * szb, oy, ox, offs_o, mask_m, mask_o, TH, TW, szc, szh, szw, PAD0, BM,
+                                   BN)
+                a = preactivation(z, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr,
+                                  bias_ptr, snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
+                if LRELU:
+                    ga = tl.where(a > 0, ga, 0.2 * ga)
+                if HAS_CLAMP:
+                    v = activate(a, gain, clamp, LRELU, False)
+                    ga = tl.where((v >= -clamp) & (v <= clamp), ga, 0.0)
+            if STORE_GZ:
+                gz = ga
+                if DEMOD:
+                    gz = ga * tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=0.0)[None, :]
+                tl.store(gz_ptr + b * sob + (oy * soh + ox * sow)[:, None] + offs_o[None, :] * soc,
+                         gz.to(gz_ptr.dtype.element_ty), mask=mask)
+            if WANT_GD:
+                tl.store(gd_part_ptr + part_row + offs_o, tl.sum(ga * z, axis=0), mask=mask_o)
+            if WANT_BIAS:
+                tl.store(gb_part_ptr + part_row + offs_o, tl.sum(ga, axis=0), mask=mask_o)
+            if WANT_NOISE:
+                noise_acc += tl.sum(ga, axis=1)
+        if WANT_NOISE:
+            tl.store(gn_ptr + b * HO * WO + offs_m, noise_acc, mask=mask_m)
+            n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
+            tl.store(gs_part_ptr + b * n_m + pid_m, tl.sum(noise_acc * n, axis=0))
+
+    EW_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
+                  for bm, bn, w in [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]]
+
+    @tuned(EW_CONFIGS, key=["Cout", "GH", "GW", "TH", "TW", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
+           interpret={"BM": 64, "BN": 16})
+    @triton.jit
+    def _fir_adjoint_kernel(gz_ptr, gt_ptr, Cout, GH, GW, TH, TW, PIXELS, sgb, sgc, sgh, sgw, stb, stc, sth, stw,
+                            PAD0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """g_T[t] = Σ_j g_z[t − j + PAD0]·f[j] = Σ_j g_z[t + j − (3 − PAD0)]·f[j] (f symmetric): the
+        forward blur with the other pad, over g_z's grid."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < TH * TW
+        ty, tx = offs_m // TW, offs_m % TW
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < Cout
+        v = fir_gather(gz_ptr, b * sgb, ty, tx, offs_n, mask_m, mask_n, GH, GW, sgc, sgh, sgw, 3 - PAD0, BM, BN)
+        tl.store(gt_ptr + b * stb + (ty * sth + tx * stw)[:, None] + offs_n[None, :] * stc,
+                 v.to(gt_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @tuned(EW_CONFIGS, key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout"), interpret={"BM": 64, "BN": 16})
+    @triton.jit
+    def _skip_bwd_kernel(g_ptr, out_ptr, Cout, SH, SW, PIXELS, sgb, sgc, sgh, sgw, sob, soc, soh, sow,
+                         BM: tl.constexpr, BN: tl.constexpr):
+        """d_skip[m] = Σ_{j=0..3} G[2m − 1 + j]·f[j] per axis: the adjoint of the skip's FIR up-sampling."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < SH * SW
+        my, mx = offs_m // SW, offs_m % SW
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < Cout
+        col = g_ptr + b * sgb + offs_n[None, :] * sgc
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for jy in tl.static_range(4):
+            gy = 2 * my - 1 + jy
+            ok_y = mask_m & (gy >= 0) & (gy < 2 * SH)
+            for jx in tl.static_range(4):
+                gx = 2 * mx - 1 + jx
+                ok = ok_y & (gx >= 0) & (gx < 2 * SW)
+                v = tl.load(col + (gy * sgh + gx * sgw)[:, None], mask=ok[:, None] & mask_n[None, :], other=0.0)
+                acc += v.to(tl.float32) * ((1 + jy * (3 - jy)) * (1 + jx * (3 - jx)) / 16)  # f[jy]·f[jx]
+        tl.store(out_ptr + b * sob + (my * soh + mx * sow)[:, None] + offs_n[None, :] * soc,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    # data gradient: BM is fixed by pixel_block (the d_s partials are per pixel tile); N = Cin, K = Cout·taps
+    DGRAD_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                     for bn, bk, w, s in [(64, 32, 4, 4), (128, 32, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                                          (128, 64, 8, 3), (16, 64, 4, 3)]]
+
+    @tuned(DGRAD_CONFIGS, key=["B", "Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
+           prune=prune_mn("PIXELS", "Cin"), interpret={"BN": 16, "BK": 16})
+    @triton.jit
+    def _dgrad_kernel(gz_ptr, w_ptr, sg_ptr, x_ptr, dx_ptr, ds_part_ptr,
+                      B, Cin, Cout, H, W, GH, GW, PIXELS, n_m,
+                      sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+                      K: tl.constexpr, UP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DS: tl.constexpr,
+                      PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """g_u = conv_transpose(g_z, W) at input pixels q (UP=1: g_z[q − kh + k//2]; UP=2: g_T[2q + kh]), then
+        d_x = g_u·sg and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cout, Cin] contiguous."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < H * W
+        qy, qx = offs_m // W, offs_m % W
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < Cin
+        offs_k = tl.arange(0, BK)
+        g_base = gz_ptr + b * sgb
+        n_kc = tl.cdiv(Cout, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for t in range(0, K * K * n_kc):
+            tap = t // n_kc
+            o = (t % n_kc) * BK + offs_k
+            mask_o = o < Cout
+            kh, kw = tap // K, tap % K
+            if UP == 1:
+                gy, gx = qy - kh + K // 2, qx - kw + K // 2
+            else:
+                gy, gx = 2 * qy + kh, 2 * qx + kw
+            ok = mask_m & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
+            gt = tl.load(g_base + (gy * sgh + gx * sgw)[:, None] + o[None, :] * sgc, mask=ok[:, None] & mask_o[None, :],
+                         other=0.0)
+            wt = tl.load(w_ptr + ((kh * K + kw) * Cout + o)[:, None] * Cin + offs_n[None, :],
+                         mask=mask_o[:, None] & mask_n[None, :], other=0.0)
+            gt = gt.to(w_ptr.dtype.element_ty)
+            if INTERPRETED:  # see triton_fwd.INTERPRETED
+                gt, wt = gt.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if NEED_DX:
+            sc = tl.load(sg_ptr + b * Cin + offs_n, mask=mask_n, other=0.0)
+            tl.store(dx_ptr + b * sdb + (qy * sdh + qx * sdw)[:, None] + offs_n[None, :] * sdc,
+                     (acc * sc[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DS:
+            xt = tl.load(x_ptr + b * sxb + (qy * sxh + qx * sxw)[:, None] + offs_n[None, :] * sxc, mask=mask,
+                         other=0.0)
+            tl.store(ds_part_ptr + (b * n_m + pid_m) * Cin + offs_n, tl.sum(acc * xt.to(tl.float32), axis=0),
+                     mask=mask_n)
+
+    # weight gradient: M = Cout, N = Cin, one tap per program_id(1), K = pixels split into SPLIT fixed ranges
+    WGRAD_CONFIGS = gemm_configs([(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (32, 32, 128, 4, 3),
+                                  (32, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 64, 4, 3)])
+
+    @tuned(WGRAD_CONFIGS, key=["B", "Cin", "Cout", "H", "W", "K", "UP", "SPLIT", "PRECISION"],
+           prune=prune_mn("Cout", "Cin"), interpret={"BM": 16, "BN": 16, "BK": 64})
+    @triton.jit
+    def _wgrad_kernel(gz_ptr, x_ptr, sg_ptr, part_ptr, B, Cin, Cout, H, W, GH, GW, SPLIT,
+                      sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
+                      K: tl.constexpr, UP: tl.constexpr, PRECISION: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """part[split, tap, o, i] = Σ over this split's pixel chunks of g_z(tap-shifted) ⋆ (x·sg). Chunks never
+        straddle samples, so each has one scale vector."""
+        pid, tap, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_tn = tl.cdiv(Cin, BN)
+        offs_o = (pid // n_tn) * BM + tl.arange(0, BM)
+        offs_i = (pid % n_tn) * BN + tl.arange(0, BN)
+        mask_o, mask_i = offs_o < Cout, offs_i < Cin
+        kh, kw = tap // K, tap % K
+        n_qc = tl.cdiv(H * W, BK)
+        total = B * n_qc
+        per = tl.cdiv(total, SPLIT)
+        start = split * per
+        end = tl.minimum(start + per, total)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for c in range(start, end):
+            b = (c // n_qc).to(tl.int64)
+            q = (c % n_qc) * BK + tl.arange(0, BK)
+            mask_q = q < H * W
+            qy, qx = q // W, q % W
+            if UP == 1:
+                gy, gx = qy - kh + K // 2, qx - kw + K // 2
+            else:
+                gy, gx = 2 * qy + kh, 2 * qx + kw
+            ok = mask_q & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
+            gt = tl.load(gz_ptr + b * sgb + offs_o[:, None] * sgc + (gy * sgh + gx * sgw)[None, :],
+                         mask=mask_o[:, None] & ok[None, :], other=0.0)
+            xt = tl.load(x_ptr + b * sxb + (qy * sxh + qx * sxw)[:, None] + offs_i[None, :] * sxc,
+                         mask=mask_q[:, None] & mask_i[None, :], other=0.0)
+            sc = tl.load(sg_ptr + b * Cin + offs_i, mask=mask_i, other=0.0)
+            ut = (xt.to(tl.float32) * sc[None, :]).to(x_ptr.dtype.element_ty)
+            gt = gt.to(x_ptr.dtype.element_ty)
+            if INTERPRETED:  # see triton_fwd.INTERPRETED
+                gt, ut = gt.to(tl.float32), ut.to(tl.float32)
+            acc = tl.dot(gt, ut, acc, input_precision=PRECISION)
+        tl.store(part_ptr + ((split * K * K + tap) * Cout + offs_o)[:, None] * Cin + offs_i[None, :], acc,
+                 mask=mask_o[:, None] & mask_i[None, :])
+
+
+def pixel_block(pixels: int) -> int:
+    """Pixel tile of the kernels that write per-tile partials: the sample's pixel count rounded up to a power of
+    two, between 16 (tl.dot's minimum) and 128 (64 under the interpreter: see INTERPRET_BLOCKS)."""
+    return min(64 if INTERPRET else 128, max(16, triton.next_power_of_2(pixels)))
+
+
+def _wgrad_split(batch: int, pixels: int, tiles: int, device: torch.device) -> int:
+    """How many pixel ranges the weight gradient is split into: enough programs to fill the GPU (4 per SM),
+    at most one range per 64 pixels. A function of shape and device only, so results are reproducible."""
+    if INTERPRET or device.type != "cuda":
+        return 2
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(target // tiles, batch * triton.cdiv(pixels, 64)))
+
+
+def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int, demodulate: bool, lrelu: bool,
+             gain: float, clamp: float | None, precision: str, need_x: bool, need_w: bool, need_s: bool,
+             need_noise: bool, need_strength: bool, need_bias: bool, need_skip: bool):
+    """All requested input gradients as fp32-or-input-dtype tensors (None where not requested):
+    (d_x, d_W, d_sg, Σ_o g_a per pixel [B, Ho·Wo] fp32, d_strength (fp32 0-dim), d_bias, d_skip).
+    d_sg is the gradient w.r.t. sg = s·g (the caller multiplies by g); the noise gradient is strength·Σ_o g_a."""
+    batch, cin, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[-1]
+    ho, wo = grad.shape[-2:]
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    need_conv = need_x or need_s or need_w
+    need_z = needs_conv_out(demodulate, lrelu, clamp)
+    want_gd = demodulate and (need_s or need_w)
+    want_noise = need_noise or need_strength
+    gz_is_grad = not need_z and not demodulate and gain == 1.0  # linear, no clamp, no demod, unit gain: g_z = G
+    store_gz = need_conv and not gz_is_grad
+    pad0 = fir_pad0(k)
+    gz = gd = gbias = gn = gstrength = None
+    if store_gz or want_gd or need_bias or want_noise:
+        bm = pixel_block(ho * wo)
+        bn = 16 if INTERPRET else min(128, max(16, triton.next_power_of_2(cout)), 4096 // bm)
+        n_m = triton.cdiv(ho * wo, bm)
+        gz = cl_empty(grad.shape, x.dtype, dev) if store_gz else None
+        gd_part = torch.empty((batch, n_m, cout), **f32) if want_gd else None
+        gb_part = torch.empty((batch, n_m, cout), **f32) if need_bias else None
+        gn = torch.empty((batch, ho * wo), **f32) if want_noise else None
+        gs_part = torch.empty((batch, n_m), **f32) if want_noise else None
+        dummy = grad
+        zt = conv_out if need_z else dummy
+        th, tw = (zt.shape[-2], zt.shape[-1]) if need_z else (0, 0)
+        _epilogue_bwd_kernel[(n_m, batch)](
+            grad, zt, d if demodulate else dummy, noise if noise is not None else dummy,
+            strength if strength is not None else dummy, bias if bias is not None else dummy,
+            gz if store_gz else dummy, gd_part if want_gd else dummy, gb_part if need_bias else dummy,
+            gn if want_noise else dummy, gs_part if want_noise else dummy,
+            cout, th, tw, ho, wo, n_m, *grad.stride(), *(zt.stride() if need_z else (0,) * 4),
+            *noise_strides(noise), *(gz.stride() if store_gz else (0,) * 4), float(gain),
+            0.0 if clamp is None else float(clamp),
+            UP=up, PAD0=pad0, DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, LRELU=lrelu,
+            HAS_CLAMP=clamp is not None, NEED_Z=need_z, STORE_GZ=store_gz, WANT_GD=want_gd, WANT_BIAS=need_bias,
+            WANT_NOISE=want_noise, BM=bm, BN=bn, num_warps=1 if INTERPRET else 4)
+        gd = gd_part.sum(1) if want_gd else None
+        gbias = gb_part.sum((0, 1)) if need_bias else None
+        gstrength = gs_part.sum() if need_strength else None
+        if gz_is_grad:
+            gz = grad
+    elif need_conv:
+        gz = grad
+
+    dx = dw = dsg = None
+    if need_conv:
+        if up == 2:  # g_T = FIRᵀ(g_z) on T's grid
+            th, tw = 2 * h + k - 2, 2 * w + k - 2
+            gt = cl_empty((batch, cout, th, tw), x.dtype, dev)
+            grid = lambda meta: (triton.cdiv(th * tw, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+            _fir_adjoint_kernel[grid](gz, gt, cout, ho, wo, th, tw, th * tw, *gz.stride(), *gt.stride(), PAD0=pad0)
+            gz = gt
+        gh, gw = gz.shape[-2:]
+        if need_x or need_s:
+            bm = pixel_block(h * w)
+            n_m = triton.cdiv(h * w, bm)
+            dx = cl_empty(x.shape, x.dtype, dev) if need_x else None
+            ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
+            w_d = weight.permute(2, 3, 0, 1).contiguous()  # [k, k, Cout, Cin]: N-contiguous tiles
+            grid = lambda meta: (n_m, triton.cdiv(cin, meta["BN"]), batch)  # noqa: E731
+            _dgrad_kernel[grid](gz, w_d, sg, x, dx if need_x else x, ds_part if need_s else sg,
+                                batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),
+                                *(dx.stride() if need_x else (0,) * 4),
+                                K=k, UP=up, NEED_DX=need_x, NEED_DS=need_s, PRECISION=precision, BM=bm)
+            dsg = ds_part.sum(1) if need_s else None
+        if need_w:
+            split = _wgrad_split(batch, h * w, triton.cdiv(cout, 64) * triton.cdiv(cin, 64) * k * k, dev)
+            part = torch.empty((split, k * k, cout, cin), **f32)
+            grid = lambda meta: (triton.cdiv(cout, meta["BM"]) * triton.cdiv(cin, meta["BN"]),  # noqa: E731
+                                 k * k, split)
+            _wgrad_kernel[grid](gz, x, sg, part, batch, cin, cout, h, w, gh, gw, split, *gz.stride(), *x.stride(),
+                                K=k, UP=up, PRECISION=precision)
+            dw = part.sum(0).view(k, k, cout, cin).permute(2, 3, 0, 1).contiguous()
+    if want_gd:  # demodulation: ∂d[b,o]/∂sg[b,i] = −d³·sg·Q[o,i];  ∂d[b,o]/∂W[o,i,t] = −d³·sg²·W
+        gdd3 = gd * d.pow(3)
+        if need_s:
+            q = weight.float().square().sum((2, 3))
+            dsg = dsg - sg * (gdd3 @ q)
+        if need_w:
+            dw = dw - weight.float() * (gdd3.t() @ sg.square())[:, :, None, None]
+
+    dskip = None
+    if need_skip:
+        sh, sw = ho // 2, wo // 2
+        dskip = cl_empty((batch, cout, sh, sw), grad.dtype, dev)
+        grid = lambda meta: (triton.cdiv(sh * sw, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+        _skip_bwd_kernel[grid](grad, dskip, cout, sh, sw, sh * sw, *grad.stride(), *dskip.stride())
+    return dx, dw, dsg, gn, gstrength, gbias, dskip

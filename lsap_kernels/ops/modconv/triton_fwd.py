@@ -1,0 +1,304 @@
+"""Triton forward kernels of ``modulated_conv2d`` (SPEC §3) and the jit helpers the backward kernels share.
+
+Implicit GEMM per sample: M = output pixels of sample b, N = Cout, K = Cin·taps. The style scale s[b,i]·g
+multiplies the activation tile as it is loaded, so per-sample weights never exist. Tiles never straddle samples:
+the scale is one vector per tile and the backward's per-sample reductions are plain tile sums.
+
+up=2 (rosinality/NVIDIA: transposed conv stride 2, then the [1,3,3,1] FIR) runs as
+  1. the transposed conv T as 4 output phases (row/column parity of T): each phase is an ordinary conv of the
+     input with a subset of the taps (2×2, 2×1, 1×2, 1×1 for k=3), so no zero-inserted MACs;
+  2. one pass that blurs T with the 4×4 FIR and applies the whole epilogue. Demodulation is a per-(b, o) scale and
+     the blur is linear per channel, so d·FIR(T) = FIR(d·T): the epilogue may apply d after the blur.
+Folding the FIR into 6×6 polyphase weights would be exact too, at ~4× the MACs of the transposed conv.
+
+Tensors are addressed through their strides (NCHW or channels_last inputs both work); everything the op allocates
+is channels_last, so the GEMM tiles read channel-contiguous rows.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # triton missing or broken: the backend does not register (see triton.py)
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if triton is not None:
+
+    # The interpreter's cost is per program and per op, not per element: wide pixel tiles (fewer programs), and
+    # 16-wide channel tiles so the small test channel counts still cross tile boundaries.
+    INTERPRET_BLOCKS = {"BM": 64, "BN": 16, "BK": 16}
+
+    def tuned(configs: list, key: list[str], prune=None, interpret=INTERPRET_BLOCKS):
+        """Autotune over ``configs`` on a GPU (results cached on disk per shape key and dtypes); under the
+        interpreter the one config ``interpret`` and no benchmarking."""
+        if INTERPRET:
+            return triton.autotune(configs=[triton.Config(dict(interpret), num_warps=1)], key=[])
+        return triton.autotune(configs=configs, key=key, cache_results=True,
+                               prune_configs_by={"early_config_prune": prune} if prune else None)
+
+    def gemm_configs(shapes) -> list:
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+    # (BM, BN, BK, warps, stages), preferred first: large tiles for the 512-channel layers, narrow ones for Cout
+    # 3-128 and for the 4×4/8×8 layers (16-64 pixels per sample), where a 128-row tile would be mostly masked.
+    GEMM_SHAPES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+                   (128, 32, 32, 4, 4), (64, 32, 64, 4, 3), (32, 64, 64, 4, 3), (128, 16, 32, 4, 3),
+                   (64, 16, 64, 4, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3)]
+
+    def prune_mn(m_arg: str, n_arg: str):
+        """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
+        least 16), in list order, at most 4 of them — each is one more compilation per shape on first use — or only
+        the first with LSAP_TRITON_AUTOTUNE=0. None fits: the one with the smallest tiles."""
+        def prune(configs, nargs, **kwargs):
+            m_cap = max(16, triton.next_power_of_2(nargs[m_arg]))
+            n_cap = max(16, triton.next_power_of_2(nargs[n_arg]))
+            kept = [c for c in configs if c.kwargs.get("BM", 0) <= m_cap and c.kwargs["BN"] <= n_cap]
+            if not kept:
+                kept = [min(configs, key=lambda c: c.kwargs.get("BM", 1) * c.kwargs["BN"])]
+            return kept[:1 if os.environ.get("LSAP_TRITON_AUTOTUNE") == "0" else 4]
+        return prune
+
+    # Triton 3.6's interpreter multiplies bf16 tiles as their raw uint16 bits: there, GEMM operands are upcast to
+    # fp32 first (exact, so the products and the fp32 accumulation are those of the 16-bit MMA). Inlined at each
+    # tl.dot: the interpreter re-patches triton.language on every jit-function call, ~1 ms each.
+    INTERPRETED = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def fir_gather(t_ptr, t_base, oy, ox, offs_o, mask_m, mask_o, TH, TW, stc, sth, stw, PAD0: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr):
+        """z[oy, ox] = Σ_{jy,jx} T[oy+jy−PAD0, ox+jx−PAD0]·f[jy]·f[jx] for a [BM pixels, BN channels] tile (zero
+        outside T: rosinality's FIR padding); f = [1,3,3,1]/4, f[j] = (1 + j(3 − j))/4 (the 2-D FIR
+        [1,3,3,1]⊗[1,3,3,1]/64·4 is f⊗f)."""
+        z = tl.zeros([BM, BN], dtype=tl.float32)
+        col = t_ptr + t_base + offs_o[None, :] * stc
+        for jy in tl.static_range(4):
+            ty = oy + jy - PAD0
+            ok_y = mask_m & (ty >= 0) & (ty < TH)
+            for jx in tl.static_range(4):
+                tx = ox + jx - PAD0
+                ok = ok_y & (tx >= 0) & (tx < TW)
+                v = tl.load(col + (ty * sth + tx * stw)[:, None], mask=ok[:, None] & mask_o[None, :], other=0.0)
+                z += v.to(tl.float32) * ((1 + jy * (3 - jy)) * (1 + jx * (3 - jx)) / 16)
+        return z
+
+    @triton.jit
+    def preactivation(z, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
+                      snb, snh, snw, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """a = d·z + strength·noise + bias (fp32)."""
+        a = z
+        if DEMOD:
+            a = a * tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=0.0)[None, :]
+        if HAS_NOISE:
+            n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
+            a = a + tl.load(strength_ptr).to(tl.float32) * n[:, None]
+        if HAS_BIAS:
+            a = a + tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        return a
+
+    @triton.jit
+    def activate(a, gain, clamp, LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr):
+        if LRELU:
+            v = tl.where(a >= 0, a, 0.2 * a) * gain
+        else:
+            v = a * gain
+        if HAS_CLAMP:
+            v = tl.minimum(tl.maximum(v, -clamp), clamp)
+        return v
+
+    @triton.jit
+    def skip_upsampled(skip_ptr, b, oy, ox, offs_o, mask_m, mask_o, SH, SW, skb, skc, skh, skw):
+        """upfirdn2d(skip, FIR, up=2, pad=(2,1)) at output pixels (oy, ox): per axis, an even output 2m takes
+        ¾·s[m] + ¼·s[m−1], an odd one 2m+1 takes ¾·s[m] + ¼·s[m+1]."""
+        my, mx = oy // 2, ox // 2
+        ny, nx = my - 1 + 2 * (oy % 2), mx - 1 + 2 * (ox % 2)
+        col = skip_ptr + b * skb + offs_o[None, :] * skc
+        cm = mask_o[None, :]
+        ok_ny = (ny >= 0) & (ny < SH)
+        ok_nx = (nx >= 0) & (nx < SW)
+        v = 0.5625 * tl.load(col + (my * skh + mx * skw)[:, None], mask=mask_m[:, None] & cm, other=0.0).to(tl.float32)
+        v += 0.1875 * tl.load(col + (ny * skh + mx * skw)[:, None], mask=(mask_m & ok_ny)[:, None] & cm,
+                              other=0.0).to(tl.float32)
+        v += 0.1875 * tl.load(col + (my * skh + nx * skw)[:, None], mask=(mask_m & ok_nx)[:, None] & cm,
+                              other=0.0).to(tl.float32)
+        v += 0.0625 * tl.load(col + (ny * skh + nx * skw)[:, None], mask=(mask_m & ok_ny & ok_nx)[:, None] & cm,
+                              other=0.0).to(tl.float32)
+        return v
+
+    @tuned(gemm_configs(GEMM_SHAPES), key=["B", "Cin", "Cout", "H", "W", "K", "UP", "PRECISION"],
+           prune=prune_mn("PIXELS", "Cout"))
+    @triton.jit
+    def _modconv_fwd_kernel(x_ptr, w_ptr, sg_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
+                            B, Cin, Cout, H, W, HO, WO, PIXELS,
+                            sxb, sxc, sxh, sxw, snb, snh, snw, skb, skc, skh, skw, sob, soc, soh, sow,
+                            gain, clamp,
+                            K: tl.constexpr, UP: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, LRELU: tl.constexpr,
+                            HAS_CLAMP: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """UP=1: out = epilogue(conv(x·sg, W)) [+ z = the conv]; UP=2: out = T, phase program_id(2) % 4 of the
+        transposed conv (HO×WO = T's size). w_ptr: W as [k, k, Cin, Cout] contiguous; sg = s·g [B, Cin] fp32."""
+        pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if UP == 1:
+            b, py, px = pid_z, 0, 0
+            MH, MW, n_th, n_tw = HO, WO, K, K
+        else:
+            b, py, px = pid_z // 4, (pid_z % 4) // 2, pid_z % 2
+            MH, MW = (HO - py + 1) // 2, (WO - px + 1) // 2  # T rows/cols of this parity
+            n_th, n_tw = (K - py + 1) // 2, (K - px + 1) // 2  # taps kh ≡ py (mod 2)
+        b = b.to(tl.int64)  # B·C·H·W may pass 2^31
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < MH * MW
+        my, mx = offs_m // MW, offs_m % MW
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < Cout
+        offs_k = tl.arange(0, BK)
+        x_base = x_ptr + b * sxb
+        n_kc = tl.cdiv(Cin, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        # one flat loop over (tap, channel chunk) so the GPU pipelines across taps, not only within one
+        for t in range(0, n_th * n_tw * n_kc):
+            tap = t // n_kc
+            i = (t % n_kc) * BK + offs_k
+            mask_i = i < Cin
+            jh, jw = tap // n_tw, tap % n_tw
+            if UP == 1:
+                kh, kw = jh, jw
+                iy, ix = my + kh - K // 2, mx + kw - K // 2
+            else:  # T[2m+py] = Σ_j u[m−j]·W[py+2j]
+                kh, kw = py + 2 * jh, px + 2 * jw
+                iy, ix = my - jh, mx - jw
+            ok = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            xt = tl.load(x_base + (iy * sxh + ix * sxw)[:, None] + i[None, :] * sxc, mask=ok[:, None] & mask_i[None, :],
+                         other=0.0)
+            sc = tl.load(sg_ptr + b * Cin + i, mask=mask_i, other=0.0)
+            ut = (xt.to(tl.float32) * sc[None, :]).to(w_ptr.dtype.element_ty)
+            wt = tl.load(w_ptr + ((kh * K + kw) * Cin + i)[:, None] * Cout + offs_n[None, :],
+                         mask=mask_i[:, None] & mask_n[None, :], other=0.0)
+            if INTERPRETED:
+                ut, wt = ut.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(ut, wt, acc, input_precision=PRECISION)
+        oy, ox = UP * my + py, UP * mx + px
+        out_off = b * sob + (oy * soh + ox * sow)[:, None] + offs_n[None, :] * soc
+        mask = mask_m[:, None] & mask_n[None, :]
+        if UP == 2:
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            if STORE_Z:  # z has out's shape and strides
+                z = acc.to(z_ptr.dtype.element_ty)
+                tl.store(z_ptr + out_off, z, mask=mask)
+                # the backward recomputes a from the stored (16-bit) z: the epilogue starts from the same rounded z,
+                # so leaky-ReLU's slope and the clamp mask there are exactly those of this forward
+                acc = z.to(tl.float32)
+            a = preactivation(acc, b, oy, ox, offs_n, mask_m, mask_n, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
+                              snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
+            v = activate(a, gain, clamp, LRELU, HAS_CLAMP)
+            if HAS_SKIP:
+                v += skip_upsampled(skip_ptr, b, oy, ox, offs_n, mask_m, mask_n, HO // 2, WO // 2, skb, skc, skh, skw)
+            tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
+    EW_SHAPES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]
+
+    def ew_configs():
+        return [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in EW_SHAPES]
+
+    @tuned(ew_configs(), key=["B", "Cout", "HO", "WO", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
+           interpret={"BM": 64, "BN": 16})
+    @triton.jit
+    def _fir_epilogue_kernel(t_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr,
+                             B, Cout, TH, TW, HO, WO, PIXELS,
+                             stb, stc, sth, stw, snb, snh, snw, skb, skc, skh, skw, sob, soc, soh, sow,
+                             gain, clamp,
+                             PAD0: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_SKIP: tl.constexpr, LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < HO * WO
+        oy, ox = offs_m // WO, offs_m % WO
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < Cout
+        z = fir_gather(t_ptr, b * stb, oy, ox, offs_n, mask_m, mask_n, TH, TW, stc, sth, stw, PAD0, BM, BN)
+        a = preactivation(z, b, oy, ox, offs_n, mask_m, mask_n, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
+                          snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
+        v = activate(a, gain, clamp, LRELU, HAS_CLAMP)
+        if HAS_SKIP:
+            v += skip_upsampled(skip_ptr, b, oy, ox, offs_n, mask_m, mask_n, HO // 2, WO // 2, skb, skc, skh, skw)
+        tl.store(out_ptr + b * sob + (oy * soh + ox * sow)[:, None] + offs_n[None, :] * soc,
+                 v.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def cl_empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(b, c, h, w) strides; zeros for an absent tensor."""
+    return (0, 0, 0, 0) if t is None else tuple(t.stride())
+
+
+def fir_pad0(k: int) -> int:
+    """Leading pad of the up=2 blur over T (rosinality: p = 4 − 2 − (k − 1), pad0 = (p + 1)//2 + 1)."""
+    return (3 - k + 1) // 2 + 1
+
+
+def needs_conv_out(demodulate: bool, lrelu: bool, clamp: float | None) -> bool:
+    """Whether the backward reads the conv output z (for g_d = Σ g_a·z, or to recompute a for act'/clamp)."""
+    return demodulate or lrelu or clamp is not None
+
+
+def forward(x, weight, sg, d, noise, strength, bias, skip, up: int, demodulate: bool, lrelu: bool, gain: float,
+            clamp: float | None, precision: str):
+    """Launch the forward. Returns (out, conv_out): conv_out is z (up=1) or T (up=2), or an empty tensor when the
+    backward does not need it. ``d`` fp32 [B, Cout] (None without demodulation)."""
+    batch, cin, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[-1]
+    ho, wo = h * up, w * up
+    out = cl_empty((batch, cout, ho, wo), x.dtype, x.device)
+    keep = needs_conv_out(demodulate, lrelu, clamp)
+    if out.numel() == 0:
+        return out, x.new_empty((0,))
+    w_t = weight.permute(2, 3, 1, 0).contiguous()  # [k, k, Cin, Cout]: N-contiguous weight tiles
+
+    def ptr(t):  # absent optional inputs: any tensor (its flag is off, the kernel never reads it)
+        return out if t is None else t
+
+    epilogue_args = (ptr(d), ptr(noise), ptr(strength), ptr(bias), ptr(skip))
+    epilogue_strides = (*noise_strides(noise), *strides4(skip))
+    flags = dict(DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None,
+                 LRELU=lrelu, HAS_CLAMP=clamp is not None)
+    scalars = (float(gain), 0.0 if clamp is None else float(clamp))
+    if up == 1:
+        z = cl_empty(out.shape, x.dtype, x.device) if keep else None
+        grid = lambda meta: (triton.cdiv(h * w, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+        _modconv_fwd_kernel[grid](x, w_t, sg, *epilogue_args, out, ptr(z), batch, cin, cout, h, w, ho, wo, h * w,
+                                  *x.stride(), *epilogue_strides, *out.stride(), *scalars,
+                                  K=k, UP=1, STORE_Z=keep, PRECISION=precision, **flags)
+        return out, z if keep else x.new_empty((0,))
+    th, tw = 2 * h + k - 2, 2 * w + k - 2
+    t = cl_empty((batch, cout, th, tw), x.dtype, x.device)
+    phase_pixels = ((th + 1) // 2) * ((tw + 1) // 2)  # the largest phase (even rows, even columns)
+    grid = lambda meta: (triton.cdiv(phase_pixels, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch * 4)  # noqa: E731
+    _modconv_fwd_kernel[grid](x, w_t, sg, out, out, out, out, out, t, out, batch, cin, cout, h, w, th, tw,
+                              phase_pixels, *x.stride(), *(0,) * 7, *t.stride(), 1.0, 0.0,
+                              K=k, UP=2, STORE_Z=False, PRECISION=precision,
+                              **{n: False for n in flags})
+    grid = lambda meta: (triton.cdiv(ho * wo, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+    _fir_epilogue_kernel[grid](t, *epilogue_args, out, batch, cout, th, tw, ho, wo, ho * wo, *t.stride(),
+                               *epilogue_strides, *out.stride(), *scalars, PAD0=fir_pad0(k), **flags)
+    return out, t if keep else x.new_empty((0,))
+
+
+def noise_strides(noise: torch.Tensor | None) -> tuple[int, int, int]:
+    """(batch, h, w) strides of noise [B or 1, 1, H, W]; batch stride 0 when one map is shared by the batch."""
+    if noise is None:
+        return (0, 0, 0)
+    sb, _, sh, sw = noise.stride()
+    return (0 if noise.shape[0] == 1 else sb, sh, sw)
