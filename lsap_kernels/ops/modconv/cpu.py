@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ... import _ext, backends
+from ._autograd import register_modconv_autograd
 
 # Tests set this to force (True) or forbid (False) the bf16 convolution; None = what oneDNN supports here.
 FORCE_CONV_BF16: bool | None = None
@@ -116,40 +117,7 @@ if _ext.cpu_available():
             out.append(t if t is not None else x.new_empty((0,)))
         return out
 
-    def _setup(ctx, inputs, output):
-        (x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
-         bf16) = inputs
-        _, conv_out, d = output
-        ctx.mark_non_differentiable(conv_out, d)
-        # no zero-filled gradients for conv_out and d (the size of the conv output: a full extra pass per layer)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, styles, noise, noise_strength, bias, conv_out, d)
-        ctx.args = (weight_gain, demodulate, up, lrelu, gain, clamp, eps, bf16)
-        ctx.has = (noise is not None, noise_strength is not None, bias is not None, skip is not None)
-
-    def _backward(ctx, grad_out, _grad_conv_out, _grad_d):
-        x, weight, styles, noise, noise_strength, bias, conv_out, d = ctx.saved_tensors
-        has_noise, has_strength, has_bias, has_skip = ctx.has
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], need[3] and has_noise, need[4] and has_noise and has_strength,
-                need[5] and has_bias, need[6] and has_skip]
-        if grad_out is None or not any(mask):
-            return (None,) * 15
-        grads = modconv_bwd_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args,
-                               mask)
-        return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * 8
-
-    modconv_op.register_autograd(_backward, setup_context=_setup)
-
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError("modulated_conv2d on the 'cpu' backend has a hand-written first derivative only: double "
-                           "backward (e.g. a gradient penalty through it) is not supported; run that code with "
-                           "lsap_kernels.use_backend('reference')")
-
-    def _setup_bwd(ctx, inputs, output):
-        pass
-
-    modconv_bwd_op.register_autograd(_no_double_backward, setup_context=_setup_bwd)
+    register_modconv_autograd(modconv_op, modconv_bwd_op, "cpu")
 
     def modulated_conv2d(x, weight, styles, weight_gain, demodulate, up, noise, noise_strength, bias, activation,
                          gain, clamp, eps, skip):

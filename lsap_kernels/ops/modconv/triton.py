@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from ._autograd import register_modconv_autograd
 from .triton_fwd import INTERPRET, cl_empty, needs_conv_out, triton
 
 # TF32 tensor cores for fp32 calls (SPEC §5: < 5e-3 instead of < 1e-5). Read at each call.
@@ -111,39 +112,7 @@ if triton is not None:
         }
         return [shapes[n]() if want else x.new_empty((0,)) for n, want in zip(_GRAD_NAMES, mask)]
 
-    def _setup(ctx, inputs, output):
-        (x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
-         tf32) = inputs
-        _, conv_out, d = output
-        ctx.mark_non_differentiable(conv_out, d)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for conv_out and d
-        ctx.save_for_backward(x, weight, styles, noise, noise_strength, bias, conv_out, d)
-        ctx.args = (weight_gain, demodulate, up, lrelu, gain, clamp, eps, tf32)
-        ctx.has = (noise is not None, noise_strength is not None, bias is not None, skip is not None)
-
-    def _backward(ctx, grad_out, _grad_conv_out, _grad_d):
-        x, weight, styles, noise, noise_strength, bias, conv_out, d = ctx.saved_tensors
-        has_noise, has_strength, has_bias, has_skip = ctx.has
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], need[3] and has_noise, need[4] and has_noise and has_strength,
-                need[5] and has_bias, need[6] and has_skip]
-        if grad_out is None or not any(mask):
-            return (None,) * 15
-        grads = modconv_bwd_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args,
-                               mask)
-        return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * 8
-
-    modconv_op.register_autograd(_backward, setup_context=_setup)
-
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError("modulated_conv2d on the 'triton' backend has a hand-written first derivative only: "
-                           "double backward (e.g. a gradient penalty through it) is not supported; run that code with "
-                           "lsap_kernels.use_backend('reference')")
-
-    def _setup_bwd(ctx, inputs, output):
-        pass
-
-    modconv_bwd_op.register_autograd(_no_double_backward, setup_context=_setup_bwd)
+    register_modconv_autograd(modconv_op, modconv_bwd_op, "triton")
 
     def modulated_conv2d(x, weight, styles, weight_gain, demodulate, up, noise, noise_strength, bias, activation,
                          gain, clamp, eps, skip):

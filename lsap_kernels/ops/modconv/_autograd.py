@@ -1,0 +1,42 @@
+"""Autograd wiring shared by the kernel backends of ``modulated_conv2d`` (cpu, triton).
+
+Both register a forward custom op ``(x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate,
+up, lrelu, gain, clamp, eps, flag) -> (out, conv_out, d)`` and a backward custom op ``(grad_out, x, weight, styles,
+noise, noise_strength, bias, conv_out, d, weight_gain, demodulate, up, lrelu, gain, clamp, eps, flag, mask)`` that
+returns the seven input gradients (x, weight, styles, noise, noise_strength, bias, skip); ``flag`` is the backend's
+own switch (cpu: bf16 convolutions; triton: TF32).
+"""
+from __future__ import annotations
+
+
+def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str) -> None:
+    def setup(ctx, inputs, output):
+        x, weight, styles, noise, noise_strength, bias, skip, *args = inputs
+        _, conv_out, d = output
+        ctx.mark_non_differentiable(conv_out, d)
+        # no zero-filled gradients for conv_out and d (the size of the conv output: a full extra pass per layer)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, styles, noise, noise_strength, bias, conv_out, d)
+        ctx.args = tuple(args)
+        ctx.has = (noise is not None, noise_strength is not None, bias is not None, skip is not None)
+
+    def backward(ctx, grad_out, _grad_conv_out, _grad_d):
+        x, weight, styles, noise, noise_strength, bias, conv_out, d = ctx.saved_tensors
+        has_noise, has_strength, has_bias, has_skip = ctx.has
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3] and has_noise, need[4] and has_noise and has_strength,
+                need[5] and has_bias, need[6] and has_skip]
+        if grad_out is None or not any(mask):
+            return (None,) * 15
+        grads = modconv_bwd_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args,
+                               mask)
+        return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * 8
+
+    modconv_op.register_autograd(backward, setup_context=setup)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"modulated_conv2d on the {backend!r} backend has a hand-written first derivative only: "
+                           "double backward (e.g. a gradient penalty through it) is not supported; run that code with "
+                           "lsap_kernels.use_backend('reference')")
+
+    modconv_bwd_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
