@@ -21,7 +21,7 @@ from torch import nn
 from . import backends
 from .models import stylegan2 as ours
 from .ops.modconv import modulated_conv2d
-from .ops.modconv.reference import FIR_1D
+from .ops.modconv.reference import fir_kernel
 
 PATCHABLE = ("StyledConv", "ToRGB", "ModulatedConv2d")
 DEMOD_EPS = 1e-8  # rosinality adds a literal 1e-8 inside the demodulation rsqrt
@@ -29,19 +29,14 @@ _STATE = "_lsap_patch"  # instance attribute of a patched module
 
 
 # ---- the [1,3,3,1] FIR ---------------------------------------------------------------------------------
-def _fir_1331() -> torch.Tensor:
-    """rosinality's up-sampling kernel: make_kernel([1,3,3,1]) · factor², in float64 (its values are exact)."""
-    k = torch.tensor(FIR_1D, dtype=torch.float64)
-    return torch.outer(k, k) * (4.0 / k.sum() ** 2)
-
-
 def fir_problem(kernel) -> str | None:
     """Why ``kernel`` is not the up-sampling FIR the fused op applies, or None when it is."""
     if not isinstance(kernel, torch.Tensor):
         return f"its FIR kernel is a {type(kernel).__name__}, not a tensor"
     if kernel.shape != (4, 4):
         return f"its FIR kernel has shape {tuple(kernel.shape)}; the fused op applies only the 4×4 [1,3,3,1] FIR"
-    if kernel.is_meta or not torch.equal(kernel.detach().to("cpu", torch.float64), _fir_1331()):
+    fir = fir_kernel(1, torch.float64, torch.device("cpu"))[0, 0]
+    if kernel.is_meta or not torch.equal(kernel.detach().to("cpu", torch.float64), fir):
         return ("its FIR kernel is not make_kernel([1,3,3,1])·4 (blur_kernel other than [1,3,3,1]); "
                 "the fused op applies only that FIR")
     return None

@@ -16,3 +16,16 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.fl
 
 def device_for(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def at_thread_counts(fn, counts=(1, 2)) -> list:
+    """``fn()`` run once per torch thread count in ``counts`` (the count restored after): results to compare bits."""
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(old)

@@ -61,6 +61,15 @@ def make_case(batch, cin, cout, size, k, up, dtype=torch.float64, noise=True, bi
     return args, kw
 
 
+def tensor_case(batch, cin, cout, size, k, up, skip=False, seed=0, noise_batch=None, noise=True, bias=True):
+    """make_case's float64 inputs as one dict, with a tensor noise strength (so it gets a gradient)."""
+    args, kw = make_case(batch, cin, cout, size, k, up, skip=skip, seed=seed, noise_batch=noise_batch, noise=noise,
+                         bias=bias)
+    if noise:
+        kw["noise_strength"] = torch.tensor(0.3, dtype=torch.float64)
+    return {**args, **kw}
+
+
 VARIANTS = {
     "3x3": dict(k=3, up=1),
     "3x3-up2": dict(k=3, up=2),

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import lsap_kernels as L
-from helpers import TOL, rel_err
+from helpers import TOL, at_thread_counts, rel_err
 from lsap_kernels.ops.modconv import reference as R
-from test_modconv import formula, make_case
+from test_modconv import formula, tensor_case
 
 pytestmark = pytest.mark.skipif(not L.available_backends()["cpu"], reason="the C++ extension is not built")
 
@@ -30,14 +30,6 @@ VARIANTS = {
 # batch, Cin, Cout, H=W: odd sizes, Cin 3/5, Cout 1/7, batch 1/5
 SHAPES = [(1, 3, 1, 4), (5, 5, 7, 5), (2, 3, 7, 9), (1, 5, 1, 9)]
 TENSOR_ARGS = ("x", "weight", "styles", "noise", "noise_strength", "bias", "skip")
-
-
-def case(batch, cin, cout, size, k, up, skip=False, seed=0, noise_batch=None, noise=True, bias=True):
-    args, kw = make_case(batch, cin, cout, size, k, up, skip=skip, seed=seed, noise_batch=noise_batch, noise=noise,
-                         bias=bias)
-    if noise:
-        kw["noise_strength"] = torch.tensor(0.3, dtype=torch.float64)
-    return {**args, **kw}
 
 
 def run(tensors, opts, dtype, backend, grad_seed=1):
@@ -82,7 +74,7 @@ def test_cpu_matches_formula(shape, variant, dtype, poisoned):
     skip = v.pop("skip", False)
     if skip and size % 2:
         size += 1
-    tensors = case(batch, cin, cout, size, v.pop("k"), v["up"], skip=skip, seed=sum(shape))
+    tensors = tensor_case(batch, cin, cout, size, v.pop("k"), v["up"], skip=skip, seed=sum(shape))
     out, grads = run(tensors, v, dtype, "cpu")
     assert out.dtype == dtype
     ref_out, ref_grads = run_formula(tensors, v)
@@ -94,7 +86,7 @@ def test_cpu_matches_formula(shape, variant, dtype, poisoned):
 @pytest.mark.parametrize("activation,clamp", [("lrelu", None), ("linear", None), ("lrelu", 0.5), ("linear", 0.4)])
 @pytest.mark.parametrize("up", [1, 2])
 def test_cpu_options(up, demodulate, noise, bias, noise_batch, activation, clamp):
-    tensors = case(3, 4, 5, 6, 3, up, noise=noise, bias=bias, noise_batch=noise_batch, seed=3)
+    tensors = tensor_case(3, 4, 5, 6, 3, up, noise=noise, bias=bias, noise_batch=noise_batch, seed=3)
     opts = dict(demodulate=demodulate, activation=activation, clamp=clamp, up=up)
     out, grads = run(tensors, opts, torch.float64, "cpu")
     ref_out, ref_grads = run_formula(tensors, opts)
@@ -115,7 +107,7 @@ def test_cpu_bfloat16(variant, conv_bf16, monkeypatch):
     monkeypatch.setattr(modconv_cpu, "FORCE_CONV_BF16", conv_bf16)
     v = dict(VARIANTS[variant])
     skip = v.pop("skip", False)
-    tensors = case(2, 16, 8, 8, v.pop("k"), v["up"], skip=skip, seed=4)
+    tensors = tensor_case(2, 16, 8, 8, v.pop("k"), v["up"], skip=skip, seed=4)
     tensors = {n: t.to(torch.bfloat16).double() for n, t in tensors.items()}  # the formula sees the rounded inputs
     out, grads = run(tensors, v, torch.bfloat16, "cpu")
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads.values())
@@ -130,7 +122,7 @@ def test_cpu_bfloat16(variant, conv_bf16, monkeypatch):
 
 
 def test_number_noise_strength_and_no_optional_inputs():
-    tensors = case(2, 3, 4, 5, 3, 1, seed=8)
+    tensors = tensor_case(2, 3, 4, 5, 3, 1, seed=8)
     strength = tensors.pop("noise_strength")
     out = L.modulated_conv2d(**tensors, noise_strength=0.3, backend="cpu")
     assert rel_err(out, formula(**tensors, noise_strength=strength)) < 1e-12
@@ -141,7 +133,7 @@ def test_number_noise_strength_and_no_optional_inputs():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cpu_gradcheck(variant):
     v = dict(VARIANTS[variant])
-    tensors = case(2, 3, 2, 4, v.pop("k"), v["up"], skip=v.pop("skip", False), seed=5)
+    tensors = tensor_case(2, 3, 2, 4, v.pop("k"), v["up"], skip=v.pop("skip", False), seed=5)
     names = list(tensors)
 
     def fn(*ts):
@@ -157,7 +149,7 @@ def test_frozen_weight_paths_and_workspace_reuse(variant):
     """Inversion's case: the weight does not require grad (toRGB then runs our fused 1×1 pass both ways). Run
     twice: the second call reuses the op's workspace buffers and must give the same bits."""
     v = dict(VARIANTS[variant])
-    tensors = case(3, 6, 5, 8, v.pop("k"), v["up"], skip=v.pop("skip", False), seed=13)
+    tensors = tensor_case(3, 6, 5, 8, v.pop("k"), v["up"], skip=v.pop("skip", False), seed=13)
     weight = tensors.pop("weight")
 
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
@@ -192,14 +184,7 @@ def test_torgb_op_bit_identical_across_thread_counts():
         out.backward(g)
         return [out] + [t.grad for t in leaves.values()]
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_once()
-        torch.set_num_threads(2)
-        two = run_once()
-    finally:
-        torch.set_num_threads(old)
+    one, two = at_thread_counts(run_once)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
@@ -207,7 +192,7 @@ def test_weight_gradient_work_only_when_asked():
     """Frozen weights (inversion): no weight gradient and no recomputation of the conv input in the backward."""
     from torch.profiler import profile
 
-    tensors = case(2, 4, 5, 6, 3, 2, seed=9)
+    tensors = tensor_case(2, 4, 5, 6, 3, 2, seed=9)
 
     def backward_scale_passes(weight_grad):
         leaves = {n: t.detach().float().requires_grad_(n != "weight" or weight_grad) for n, t in tensors.items()}
@@ -226,7 +211,7 @@ def test_frozen_weight_runs_no_weight_gradient_convolution(up, capfd, monkeypatc
     """oneDNN's own log (verbose mode) of the backward: the input-gradient convolution runs either way, the
     weight-gradient convolution only when the weight requires grad."""
     monkeypatch.setenv("LSAP_MODCONV_CONV", "onednn")  # the input gradient on oneDNN too, so that it logs
-    tensors = case(2, 8, 6, 8, 3, up, seed=14)
+    tensors = tensor_case(2, 8, 6, 8, 3, up, seed=14)
 
     def onednn_backward_kinds(weight_grad):
         leaves = {n: t.detach().float().requires_grad_(n != "weight" or weight_grad) for n, t in tensors.items()}
@@ -261,14 +246,7 @@ def test_pointwise_demodulated_op_bit_identical_across_thread_counts():
         out.backward(g)
         return [out] + [t.grad for t in leaves.values()]
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_once()
-        torch.set_num_threads(2)
-        two = run_once()
-    finally:
-        torch.set_num_threads(old)
+    one, two = at_thread_counts(run_once)
     names = ["out", *tensors]
     assert all(t is not None and torch.isfinite(t).all() for t in one)
     for name, a, b in zip(names, one, two):
@@ -276,7 +254,7 @@ def test_pointwise_demodulated_op_bit_identical_across_thread_counts():
 
 
 def test_double_backward_raises():
-    tensors = case(2, 3, 4, 5, 3, 1, seed=10)
+    tensors = tensor_case(2, 3, 4, 5, 3, 1, seed=10)
     leaves = {n: t.detach().requires_grad_(True) for n, t in tensors.items()}
     out = L.modulated_conv2d(**leaves, backend="cpu")
     (gx,) = torch.autograd.grad(out.square().sum(), leaves["x"], create_graph=True)
@@ -293,7 +271,7 @@ def test_double_backward_raises():
 def test_opcheck(variant):
     v = dict(VARIANTS[variant])
     k = v.pop("k")
-    tensors = case(2, 3, 4, 4, k, v["up"], skip=v.pop("skip", False), seed=11)
+    tensors = tensor_case(2, 3, 4, 4, k, v["up"], skip=v.pop("skip", False), seed=11)
     t = {n: x.float().requires_grad_(True) for n, x in tensors.items()}
     args = (t["x"], t["weight"], t["styles"], t["noise"], t["noise_strength"], t["bias"], t.get("skip"),
             1 / math.sqrt(3 * k * k), v.get("demodulate", True), v["up"], v.get("activation", "lrelu") == "lrelu",
@@ -307,7 +285,7 @@ def test_opcheck(variant):
 
 
 def test_compile_traces_the_op():
-    tensors = case(2, 3, 4, 4, 3, 2, seed=12)
+    tensors = tensor_case(2, 3, 4, 4, 3, 2, seed=12)
     fn = torch.compile(lambda *a: L.modulated_conv2d(*a, up=2, backend="cpu"), fullgraph=True, backend="aot_eager")
     args = (tensors["x"], tensors["weight"], tensors["styles"])
     assert rel_err(fn(*args), L.modulated_conv2d(*args, up=2, backend="reference")) < 1e-12
@@ -409,14 +387,7 @@ def test_kernels_bit_identical_across_thread_counts():
                 *C.modconv_epilogue_bwd_cpu(gu, t, d, noise, strength, bias, 2, 3, True, 1.4, None, True),
                 C.modconv_skip_bwd_cpu(gu)]
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = everything()
-        torch.set_num_threads(2)
-        two = everything()
-    finally:
-        torch.set_num_threads(old)
+    one, two = at_thread_counts(everything)
     for i, (a, b) in enumerate(zip(one, two)):
         assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
 
@@ -424,7 +395,7 @@ def test_kernels_bit_identical_across_thread_counts():
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 def test_bad_inputs_on_cpu_backend():
-    tensors = case(2, 4, 5, 6, 3, 1, seed=6)
+    tensors = tensor_case(2, 4, 5, 6, 3, 1, seed=6)
     x, w, s = tensors["x"], tensors["weight"], tensors["styles"]
     with L.use_backend("cpu"):
         with pytest.raises(ValueError, match=r"styles must have shape \[2, 4\]"):
@@ -557,14 +528,7 @@ def test_winograd_op_bit_identical_across_thread_counts(monkeypatch):
         out.backward(g)
         return [out] + [t.grad for t in leaves.values()]
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_once()
-        torch.set_num_threads(2)
-        two = run_once()
-    finally:
-        torch.set_num_threads(old)
+    one, two = at_thread_counts(run_once)
     assert all(t is not None and torch.isfinite(t).all() for t in one)
     for name, a, b in zip(["out", *tensors], one, two):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"

@@ -15,7 +15,7 @@ import torch
 import lsap_kernels as L
 from lsap_kernels import backends
 from helpers import TOL, device_for, rel_err
-from test_modconv import formula, make_case
+from test_modconv import formula, tensor_case
 
 pytestmark = pytest.mark.skipif(not L.available_backends()["triton"], reason="triton is not usable here")
 
@@ -48,15 +48,6 @@ VARIANTS = {
 # batch, Cin, Cout, H=W: batch 1 and 5, channel counts below, at and across the interpreter's 16-wide tiles
 SHAPES = [(1, 5, 17, 4), (5, 17, 7, 5), (1, 3, 1, 9), (2, 6, 3, 8)]
 GRAD_NAMES = ("x", "weight", "styles", "noise", "noise_strength", "bias", "skip")
-
-
-def case(batch, cin, cout, size, k, up, skip=False, seed=0, noise=True, bias=True, noise_batch=None):
-    """Random float64 inputs (a tensor noise strength, so it gets a gradient)."""
-    args, kw = make_case(batch, cin, cout, size, k, up, skip=skip, seed=seed, noise=noise, bias=bias,
-                         noise_batch=noise_batch)
-    if noise:
-        kw["noise_strength"] = torch.tensor(0.3, dtype=torch.float64)
-    return {**args, **kw}
 
 
 def split_variant(name):
@@ -109,7 +100,7 @@ def test_matches_formula(shape, variant, poisoned):
     k, skip, opts = split_variant(variant)
     batch, cin, cout, size = shape
     size += size % 2 if skip else 0  # the skip branch needs an even output
-    tensors = case(batch, cin, cout, size, k, opts["up"], skip=skip, seed=sum(shape))
+    tensors = tensor_case(batch, cin, cout, size, k, opts["up"], skip=skip, seed=sum(shape))
     out, grads = run(tensors, opts, torch.float32)
     assert out.dtype == torch.float32 and out.device.type == DEVICE
     ref_out, ref_grads = run_formula(tensors, opts)
@@ -119,7 +110,7 @@ def test_matches_formula(shape, variant, poisoned):
 @pytest.mark.parametrize("k", [1, 5])
 def test_other_kernel_sizes_up2(k, poisoned):
     """The up path for k = 1 and 5: other T sizes, FIR pads and phase tap counts (k=1: odd phases have no taps)."""
-    tensors = case(2, 5, 6, 5, k, 2, seed=20 + k)
+    tensors = tensor_case(2, 5, 6, 5, k, 2, seed=20 + k)
     out, grads = run(tensors, dict(up=2), torch.float32)
     ref_out, ref_grads = run_formula(tensors, dict(up=2))
     assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
@@ -140,7 +131,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("up,demodulate,noise,bias,noise_batch,activation,clamp", OPTIONS)
 def test_options(up, demodulate, noise, bias, noise_batch, activation, clamp, poisoned):
-    tensors = case(3, 4, 5, 5, 3, up, noise=noise, bias=bias, noise_batch=noise_batch, seed=3)
+    tensors = tensor_case(3, 4, 5, 5, 3, up, noise=noise, bias=bias, noise_batch=noise_batch, seed=3)
     opts = dict(demodulate=demodulate, activation=activation, clamp=clamp, up=up)
     out, grads = run(tensors, opts, torch.float32)
     ref_out, ref_grads = run_formula(tensors, opts)
@@ -160,7 +151,7 @@ def test_low_precision(variant, dtype, poisoned):
     them the rest) by percents; the reference backend in 16 bits shows the same. So the formula takes the slope where
     the kernel took it, and at most 0.5 % of the elements may disagree with the float64 sign."""
     k, skip, opts = split_variant(variant)
-    tensors = case(2, 20, 9, 6, k, opts["up"], skip=skip, seed=4)
+    tensors = tensor_case(2, 20, 9, 6, k, opts["up"], skip=skip, seed=4)
     tensors = {n: t.to(dtype).double() for n, t in tensors.items()}  # the formula sees the rounded inputs
     out, grads = run(tensors, opts, dtype)
     assert out.dtype == dtype
@@ -189,7 +180,7 @@ def test_inversion_gradients_only(variant, monkeypatch, poisoned):
     """Inversion: weight and bias frozen, gradients for x, styles, noise (and skip): right values, and no weight-
     gradient kernel is launched."""
     k, skip, opts = split_variant(variant)
-    tensors = case(2, 6, 5, 6, k, opts["up"], skip=skip, seed=13)
+    tensors = tensor_case(2, 6, 5, 6, k, opts["up"], skip=skip, seed=13)
     wanted = ("x", "styles", "noise", "skip")
     wgrad = _Launches(triton_bwd._wgrad_kernel)
     monkeypatch.setattr(triton_bwd, "_wgrad_kernel", wgrad)
@@ -203,7 +194,7 @@ def test_inversion_gradients_only(variant, monkeypatch, poisoned):
 
 
 def test_number_noise_strength_and_no_optional_inputs():
-    tensors = {n: t.to(DEVICE) for n, t in case(2, 3, 4, 5, 3, 1, seed=8).items()}
+    tensors = {n: t.to(DEVICE) for n, t in tensor_case(2, 3, 4, 5, 3, 1, seed=8).items()}
     strength = tensors.pop("noise_strength")
     out = L.modulated_conv2d(**{n: t.float() for n, t in tensors.items()}, noise_strength=0.3, backend="triton")
     assert rel_err(out, formula(**tensors, noise_strength=strength)) < TOL[torch.float32]
@@ -216,7 +207,7 @@ def test_number_noise_strength_and_no_optional_inputs():
 def test_strided_inputs(layout):
     """Strided tensors are read in place: channels_last x, a batch-broadcast x (the Generator's constant input, batch
     stride 0), and a non-contiguous output gradient."""
-    tensors = case(3, 5, 4, 6, 3, 1, seed=14)
+    tensors = tensor_case(3, 5, 4, 6, 3, 1, seed=14)
     if layout == "batch-broadcast":
         tensors["x"] = tensors["x"][:1]
     leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True) for n, t in tensors.items()}
@@ -245,7 +236,7 @@ def test_strided_inputs(layout):
 def test_opcheck(variant):
     k, skip, opts = split_variant(variant)
     t = {n: x.to(DEVICE, torch.float32).requires_grad_(True)
-         for n, x in case(1, 3, 4, 4, k, opts["up"], skip=skip, seed=11).items()}
+         for n, x in tensor_case(1, 3, 4, 4, k, opts["up"], skip=skip, seed=11).items()}
     args = (t["x"], t["weight"], t["styles"], t["noise"], t["noise_strength"], t["bias"], t.get("skip"),
             1 / math.sqrt(3 * k * k), opts.get("demodulate", True), opts["up"],
             opts.get("activation", "lrelu") == "lrelu", math.sqrt(2), 0.8, 1e-8, False)
@@ -258,7 +249,8 @@ def test_opcheck(variant):
 
 
 def test_double_backward_raises():
-    leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True) for n, t in case(2, 3, 4, 4, 3, 1, seed=10).items()}
+    tensors = tensor_case(2, 3, 4, 4, 3, 1, seed=10)
+    leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True) for n, t in tensors.items()}
     out = L.modulated_conv2d(**leaves, backend="triton")
     (gx,) = torch.autograd.grad(out.square().sum(), leaves["x"], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
@@ -266,7 +258,7 @@ def test_double_backward_raises():
 
 
 def test_registry():
-    tensors = case(2, 3, 4, 4, 3, 1, seed=6)
+    tensors = tensor_case(2, 3, 4, 4, 3, 1, seed=6)
     with pytest.raises(L.BackendError, match="takes dtypes"):  # float64 stays on the reference/cpu backends
         L.modulated_conv2d(tensors["x"].to(DEVICE), tensors["weight"].to(DEVICE), tensors["styles"].to(DEVICE),
                            backend="triton")
