@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lsap_kernels import backends
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -51,11 +53,12 @@ def sync(device: str) -> None:
 
 
 def time_ms(step, device: str, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.2,
-            max_seconds: float | None = None) -> float:
+            max_seconds: float | None = None, host_ms: list | None = None) -> float:
     """Median milliseconds of ``step(i)`` (i rotates input sets) after warm-up; CUDA events on the GPU.
 
     At least ``repeats`` calls (more until ``min_seconds``, at most 10·repeats); with ``max_seconds``, stop once
-    that much time has gone and at least 3 calls were timed."""
+    that much time has gone and at least 3 calls were timed. On the GPU, ``host_ms`` (a list) receives each call's
+    host time, until ``step`` returned: close to the event time, the call is bound by the host's launches."""
     for i in range(warmup):
         step(i)
     sync(device)
@@ -68,7 +71,10 @@ def time_ms(step, device: str, warmup: int = 3, repeats: int = 20, min_seconds: 
         if device == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
+            t = time.perf_counter()
             step(i)
+            if host_ms is not None:
+                host_ms.append((time.perf_counter() - t) * 1e3)
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b))
@@ -116,6 +122,20 @@ def kernel_launches(step, device: str) -> dict[str, int] | None:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             counts[e.name] = counts.get(e.name, 0) + 1
     return counts
+
+
+def kernel_backends(op: str, device: str, dtype: torch.dtype) -> list[str]:
+    """The non-reference backends the registry can run ``op`` with here (Triton's CPU interpreter excluded)."""
+    out = []
+    for name in backends.BACKENDS:
+        if name == "reference" or (name == "triton" and device == "cpu"):
+            continue
+        try:
+            backends.select(op, torch.device(device), dtype, backend=name)
+        except backends.BackendError:
+            continue
+        out.append(name)
+    return out
 
 
 def random_style_inputs(layout, batch: int, dtype, device: str, seed: int):

@@ -5,7 +5,7 @@
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=420)  build, gpu-marked tests, every cuda/triton case
 #   run(command="bash bench/gpu_check.sh bench", timeout_s=420)  the benchmark suite (bench/suite.py)
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
-# Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 5).
+# Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
 # but no network: build in place with the machine's python.
 MODE=${1:-tests}
@@ -30,29 +30,40 @@ if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --i
   tail -60 "$OUT/build.log"; exit 1
 fi
 "$PY" -c "import lsap_kernels as L; print('backends', L.available_backends())" | tee -a "$OUT/env.txt"
+# Test phases: SIGINT at the time box (pytest then still reports what ran; a SIGTERM'd run left no output), -v so a
+# cut-short log names each test, and one Triton block config per shape (LSAP_TRITON_AUTOTUNE=0): each autotuned
+# config is one more compilation, the tests are about values, and the benchmark checks every config it times.
+run_tests() {  # run_tests SECONDS LOG PYTEST-ARGS...
+  local secs=$1 log=$2; shift 2
+  LSAP_TRITON_AUTOTUNE=0 timeout -s INT -k 20 "$secs" "$PY" -m pytest -v -rfs -p no:cacheprovider --durations=10 "$@" \
+    >> "$log" 2>&1
+  echo "exit $?: $(grep -E "^(=+ )?[0-9]+ (passed|failed)|[0-9]+ (passed|failed|error)" "$log" | tail -1)"
+}
 if [ "$MODE" = tests ]; then
 echo "== GPU tests (cuda/triton cases and gpu-marked)"
-timeout "${GPU_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -rs -p no:cacheprovider -m "gpu" tests > "$OUT/tests_gpu.log" 2>&1
-echo "gpu-marked exit $?"
-timeout "${CASES_TIMEOUT:-180}" "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or triton" tests --ignore tests/test_build.py \
-  >> "$OUT/tests_gpu.log" 2>&1
-echo "cuda/triton exit $?"; grep -E "passed|failed|error" "$OUT/tests_gpu.log" | tail -4
+: > "$OUT/tests_gpu.log"
+echo -n "gpu-marked "; run_tests "${GPU_TESTS_TIMEOUT:-150}" "$OUT/tests_gpu.log" -m gpu tests
+echo -n "cuda/triton cases "; run_tests "${CASES_TIMEOUT:-180}" "$OUT/tests_gpu.log" -k "cuda or triton" -m "not gpu" \
+  tests --ignore tests/test_build.py
+grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
 echo "== SNCD kernel launches by name (the op's own kernels vs PyTorch's), 2 batch sizes"
 timeout 90 "$PY" bench/bench_style.py --batches 1 256 --no-compile --out "$OUT" > /dev/null 2>&1
 echo "style bench exit $?"; grep -E "ours" "$OUT/style.md" | head -8
 fi
 if [ "$MODE" = bench ]; then
+echo "== host time per call (bench/bench_host_overhead.py: our call path vs the registered op, tiny shapes)"
+timeout 60 "$PY" bench/bench_host_overhead.py --out "$OUT" 2>&1 | grep -v "^wrote"
 echo "== benchmark suite (bench/suite.py: end to end, every layer, SNCD; writes suite.json/.md/.png into \$OUT)"
 # --budget-s: no new work after that; the suite rewrites its results after every task and on SIGTERM, so the
 # hard timeout still leaves what was measured. The suite covers bench_style.py's SNCD rows.
-timeout "${BENCH_TIMEOUT:-360}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-300}" \
+timeout "${BENCH_TIMEOUT:-360}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-280}" \
   > "$OUT/suite.log" 2>&1
 echo "bench exit $?"; grep -A12 "^## Headline" "$OUT/suite.md" 2>/dev/null; tail -5 "$OUT/suite.log"
 fi
 if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"
 # -v: with xdist the failures are named as they happen, so a time-boxed run still says which ones failed
-timeout "${SUITE_TIMEOUT:-120}" "$PY" -m pytest -v -rfs -p no:cacheprovider -n 12 tests --ignore tests/test_build.py \
-  > "$OUT/tests_all.log" 2>&1
-echo "suite exit $?"; grep -E "FAILED|ERROR" "$OUT/tests_all.log" | head -20; tail -2 "$OUT/tests_all.log"
+: > "$OUT/tests_all.log"
+echo -n "suite "; run_tests "${SUITE_TIMEOUT:-240}" "$OUT/tests_all.log" -n 12 tests --ignore tests/test_build.py
+grep -E "FAILED|ERROR" "$OUT/tests_all.log" | head -20
 fi

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-E2E_COLS = ["size", "precision", "batch", "provider", "ms", "img_steps_per_s", "TFLOP_per_s", "GB_per_s", "floor_ms",
-            "bound", "fraction_of_floor", "peak_MB_per_image", "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s", "rel_err"]
-LAYER_COLS = ["layer", "shape", "provider", "ms", "TFLOP_per_s", "GB_per_s", "floor_ms", "bound", "fraction_of_floor",
-              "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s", "rel_err"]
+E2E_COLS = ["size", "precision", "batch", "provider", "ms", "host_ms", "img_steps_per_s", "TFLOP_per_s", "GB_per_s",
+            "floor_ms", "bound", "fraction_of_floor", "peak_MB_per_image", "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s",
+            "rel_err"]
+LAYER_COLS = ["layer", "shape", "provider", "ms", "host_ms", "TFLOP_per_s", "GB_per_s", "floor_ms", "bound",
+              "fraction_of_floor", "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s", "rel_err"]
 SUM_COLS = ["precision", "batch", "direction", "provider", "layers", "ms", "floor_ms", "fraction_of_floor", "vs_a",
             "vs_b", "vs_c", "vs_ref"]
-SNCD_COLS = ["precision", "batch", "provider", "ms", "GB_per_s", "floor_ms", "fraction_of_floor", "vs_a", "vs_c",
-             "vs_ref", "compile_s", "rel_err"]
+SNCD_COLS = ["precision", "batch", "provider", "ms", "host_ms", "GB_per_s", "floor_ms", "fraction_of_floor", "vs_a",
+             "vs_c", "vs_ref", "compile_s", "rel_err"]
 BASELINE_OF = {"vs_a": ("(a) grouped conv", "(a) per-layer loop"), "vs_b": ("(b) input scaling",),
                "vs_c": ("(c) torch.compile(reference)", "(c) torch.compile(per-layer loop)"),
                "vs_ref": ("ours: reference",)}

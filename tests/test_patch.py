@@ -40,7 +40,7 @@ def needs_backend(name: str, dtype: torch.dtype) -> None:
 def inputs(g, batch=3, seed=1, dtype=torch.float64):
     """W+ latents, per-sample noise maps and a fixed random projection of the image (the loss)."""
     gen = torch.Generator().manual_seed(seed)
-    w_plus = torch.randn(batch, g.n_latent, STYLE_DIM, generator=gen, dtype=dtype)
+    w_plus = torch.randn(batch, g.n_latent, g.style_dim, generator=gen, dtype=dtype)
     noise = [torch.randn(batch, 1, *getattr(g.noises, f"noise_{i}").shape[-2:], generator=gen, dtype=dtype)
              for i in range(g.num_layers)]
     probe = torch.randn(batch, 3, g.size, g.size, generator=gen, dtype=dtype)

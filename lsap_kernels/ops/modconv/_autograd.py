@@ -8,8 +8,13 @@ own switch (cpu: bf16 convolutions; triton: TF32).
 """
 from __future__ import annotations
 
+from .._autograd import fast_call, register_autograd
 
-def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str) -> None:
+
+def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str):
+    """Register both ops' derivatives; return ``apply``, the forward op with autograd for our call sites."""
+    backward_op = fast_call(modconv_bwd_op)
+
     def setup(ctx, inputs, output):
         x, weight, styles, noise, noise_strength, bias, skip, *args = inputs
         _, conv_out, d = output
@@ -28,11 +33,10 @@ def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str) -> None:
                 need[5] and has_bias, need[6] and has_skip]
         if grad_out is None or not any(mask):
             return (None,) * 15
-        grads = modconv_bwd_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args,
-                               mask)
+        grads = backward_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args, mask)
         return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * 8
 
-    modconv_op.register_autograd(backward, setup_context=setup)
+    apply = register_autograd(modconv_op, backward, setup)
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError(f"modulated_conv2d on the {backend!r} backend has a hand-written first derivative only: "
@@ -40,3 +44,4 @@ def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str) -> None:
                            "lsap_kernels.use_backend('reference')")
 
     modconv_bwd_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    return apply

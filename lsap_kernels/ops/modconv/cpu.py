@@ -117,7 +117,7 @@ if _ext.cpu_available():
             out.append(t if t is not None else x.new_empty((0,)))
         return out
 
-    register_modconv_autograd(modconv_op, modconv_bwd_op, "cpu")
+    modconv = register_modconv_autograd(modconv_op, modconv_bwd_op, "cpu")
 
     def modulated_conv2d(x, weight, styles, weight_gain, demodulate, up, noise, noise_strength, bias, activation,
                          gain, clamp, eps, skip):
@@ -126,7 +126,7 @@ if _ext.cpu_available():
             noise_strength = None
         elif not isinstance(noise_strength, Tensor):
             noise_strength = torch.tensor(float(noise_strength), dtype=x.dtype)
-        out, _, _ = modconv_op(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
+        out, _, _ = modconv(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
                                bool(demodulate), int(up), activation == "lrelu", float(gain),
                                None if clamp is None else float(clamp), float(eps), conv_bf16(x.dtype))
         return out

@@ -112,7 +112,7 @@ if triton is not None:
         }
         return [shapes[n]() if want else x.new_empty((0,)) for n, want in zip(_GRAD_NAMES, mask)]
 
-    register_modconv_autograd(modconv_op, modconv_bwd_op, "triton")
+    modconv = register_modconv_autograd(modconv_op, modconv_bwd_op, "triton")
 
     def modulated_conv2d(x, weight, styles, weight_gain, demodulate, up, noise, noise_strength, bias, activation,
                          gain, clamp, eps, skip):
@@ -123,7 +123,7 @@ if triton is not None:
             noise_strength = noise_strength.to(device=x.device)  # differentiable; the kernels read it on-device
         else:
             noise_strength = torch.tensor(float(noise_strength), dtype=torch.float32, device=x.device)
-        out, _, _ = modconv_op(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
+        out, _, _ = modconv(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
                                bool(demodulate), int(up), activation == "lrelu", float(gain),
                                None if clamp is None else float(clamp), float(eps), bool(ALLOW_TF32))
         return out

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from .._autograd import fast_call, register_autograd
 from .layout import StyleLayout
 
 
@@ -51,6 +52,8 @@ def register_style_kernels(backend: str, normalize_fwd: Callable, normalize_bwd:
     def _(grad_hat, styles, norm, offsets, eps):
         return torch.empty_like(styles)
 
+    normalize_backward_op = fast_call(normalize_bwd_op)
+
     def normalize_setup(ctx, inputs, output):
         styles, offsets, eps = inputs
         ctx.mark_non_differentiable(output[1])
@@ -59,9 +62,9 @@ def register_style_kernels(backend: str, normalize_fwd: Callable, normalize_bwd:
 
     def normalize_backward(ctx, grad_hat, _grad_norm):
         styles, norm, offsets = ctx.saved_tensors
-        return normalize_bwd_op(grad_hat.contiguous(), styles, norm, offsets, ctx.eps), None, None
+        return normalize_backward_op(grad_hat.contiguous(), styles, norm, offsets, ctx.eps), None, None
 
-    normalize_op.register_autograd(normalize_backward, setup_context=normalize_setup)
+    normalize = register_autograd(normalize_op, normalize_backward, normalize_setup)
 
     @torch.library.custom_op(f"lsap::sncd_{backend}", mutates_args=())
     def sncd_op(styles: Tensor, anchors: Tensor, offsets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -80,6 +83,8 @@ def register_style_kernels(backend: str, normalize_fwd: Callable, normalize_bwd:
     def _(grad_cos, styles, anchors, cos, norm, offsets, eps):
         return torch.empty_like(styles)
 
+    sncd_backward_op = fast_call(sncd_bwd_op)
+
     def sncd_setup(ctx, inputs, output):
         styles, anchors, offsets, eps = inputs
         ctx.mark_non_differentiable(output[1])
@@ -88,12 +93,12 @@ def register_style_kernels(backend: str, normalize_fwd: Callable, normalize_bwd:
 
     def sncd_backward(ctx, grad_cos, _grad_norm):
         styles, anchors, cos, norm, offsets = ctx.saved_tensors
-        return sncd_bwd_op(grad_cos.contiguous(), styles, anchors, cos, norm, offsets, ctx.eps), None, None, None
+        return sncd_backward_op(grad_cos.contiguous(), styles, anchors, cos, norm, offsets, ctx.eps), None, None, None
 
-    sncd_op.register_autograd(sncd_backward, setup_context=sncd_setup)
+    sncd_cos = register_autograd(sncd_op, sncd_backward, sncd_setup)
 
     def style_normalize(styles: Tensor, layout: StyleLayout, eps: float) -> Tensor:
-        return normalize_op(styles.contiguous(), layout.offsets_tensor(styles.device), eps)[0]
+        return normalize(styles.contiguous(), layout.offsets_tensor(styles.device), eps)[0]
 
     def sncd_cosines(styles: Tensor, anchors: Tensor, layout: StyleLayout, eps: float) -> Tensor:
         if anchors.requires_grad and torch.is_grad_enabled():
@@ -101,7 +106,7 @@ def register_style_kernels(backend: str, normalize_fwd: Callable, normalize_bwd:
                 f"sncd backend {backend!r} has no gradient for the anchors (they are constants of the metric); "
                 "detach them, or use backend='reference' to differentiate through them")
         anchors = anchors.to(acc_dtype(styles.dtype)).contiguous()
-        return sncd_op(styles.contiguous(), anchors, layout.offsets_tensor(styles.device), eps)[0]
+        return sncd_cos(styles.contiguous(), anchors, layout.offsets_tensor(styles.device), eps)[0]
 
     backends.register("style_normalize", backend, style_normalize, devices=devices, dtypes=dtypes)
     backends.register("sncd", backend, sncd_cosines, devices=devices, dtypes=dtypes)
