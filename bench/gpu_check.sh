@@ -2,8 +2,8 @@
 # The one command for a session that has a GPU, in two calls (a lease is 15 minutes of device time in all, the
 # machine start included; one call may run 10 minutes; the machine stays warm 30 s after a call, so issue the second
 # at once and it reuses the build):
-#   run(command="bash bench/gpu_check.sh tests", timeout_s=420)  build, gpu-marked tests, every cuda/triton case
-#   run(command="bash bench/gpu_check.sh bench", timeout_s=420)  the benchmark suite (bench/suite.py)
+#   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
+#   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call, the suite (bench/suite.py)
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
@@ -26,8 +26,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 echo "== build"
-if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"; exit 1
+# the build log comes back only when the build fails (the device tool returns at most 8 files)
+if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --inplace > /tmp/lsap_build.log 2>&1; then
+  cp /tmp/lsap_build.log "$OUT/build.log"; tail -60 "$OUT/build.log"; exit 1
 fi
 "$PY" -c "import lsap_kernels as L; print('backends', L.available_backends())" | tee -a "$OUT/env.txt"
 # Test phases: SIGINT at the time box (pytest then still reports what ran; a SIGTERM'd run left no output), -v so a
@@ -42,8 +43,8 @@ run_tests() {  # run_tests SECONDS LOG PYTEST-ARGS...
 if [ "$MODE" = tests ]; then
 echo "== GPU tests (cuda/triton cases and gpu-marked)"
 : > "$OUT/tests_gpu.log"
-echo -n "gpu-marked "; run_tests "${GPU_TESTS_TIMEOUT:-150}" "$OUT/tests_gpu.log" -m gpu tests
-echo -n "cuda/triton cases "; run_tests "${CASES_TIMEOUT:-180}" "$OUT/tests_gpu.log" -k "cuda or triton" -m "not gpu" \
+echo -n "gpu-marked "; run_tests "${GPU_TESTS_TIMEOUT:-200}" "$OUT/tests_gpu.log" -m gpu tests
+echo -n "cuda/triton cases "; run_tests "${CASES_TIMEOUT:-150}" "$OUT/tests_gpu.log" -k "cuda or triton" -m "not gpu" \
   tests --ignore tests/test_build.py
 grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
 echo "== SNCD kernel launches by name (the op's own kernels vs PyTorch's), 2 batch sizes"
@@ -53,10 +54,12 @@ fi
 if [ "$MODE" = bench ]; then
 echo "== host time per call (bench/bench_host_overhead.py: our call path vs the registered op, tiny shapes)"
 timeout 60 "$PY" bench/bench_host_overhead.py --out "$OUT" 2>&1 | grep -v "^wrote"
+echo "== where the layers' time goes (bench/profile_layers.py: kernel times of the largest and the losing layers)"
+timeout 50 "$PY" bench/profile_layers.py --out "$OUT" > /dev/null 2>&1; echo "profile exit $?"
 echo "== benchmark suite (bench/suite.py: end to end, every layer, SNCD; writes suite.json/.md/.png into \$OUT)"
 # --budget-s: no new work after that; the suite rewrites its results after every task and on SIGTERM, so the
 # hard timeout still leaves what was measured. The suite covers bench_style.py's SNCD rows.
-timeout "${BENCH_TIMEOUT:-360}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-280}" \
+timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" \
   > "$OUT/suite.log" 2>&1
 echo "bench exit $?"; grep -A12 "^## Headline" "$OUT/suite.md" 2>/dev/null; tail -5 "$OUT/suite.log"
 fi

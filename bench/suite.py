@@ -47,6 +47,7 @@ import report  # noqa: E402
 import lsap_kernels as L  # noqa: E402
 
 A, B, C, REF = "(a) grouped conv", "(b) input scaling", "(c) torch.compile(reference)", "ours: reference"
+GRAPHED = ", CUDA graphs"  # suffix of our kernel rows run as Inverter(compile=True) runs them on CUDA
 LOOP, LOOP_C = "(a) per-layer loop", "(c) torch.compile(per-layer loop)"
 VS = {"vs_a": (A, LOOP), "vs_b": (B,), "vs_c": (C, LOOP_C), "vs_ref": (REF,)}
 SNCD_WEIGHT = 0.5
@@ -73,6 +74,11 @@ PLANS = {
 
 class Interrupted(BaseException):
     """SIGTERM (e.g. from `timeout`): stop measuring, write what there is."""
+
+
+def compiled_provider(provider: str) -> bool:
+    """Rows whose first call compiles: (c) and our CUDA-graph rows."""
+    return provider.startswith("(c)") or provider.endswith(GRAPHED)
 
 
 def dtype_of(precision: str) -> torch.dtype:
@@ -245,7 +251,7 @@ class Suite:
             t0 = time.perf_counter()
             errors = check(step(0))
             row["first_call_s"] = time.perf_counter() - t0
-            if row["provider"].startswith("(c)"):
+            if compiled_provider(row["provider"]):
                 row["compile_s"] = row["first_call_s"]
                 self.compile_s_seen.append(row["compile_s"])
             row["rel_err"] = max(errors.values())
@@ -259,7 +265,7 @@ class Suite:
                 step(1)
                 common.sync(self.device)
                 call_s = time.perf_counter() - t0
-            if not bad and call_s * calls > self.left() and not row["provider"].startswith("(c)"):
+            if not bad and call_s * calls > self.left() and not compiled_provider(row["provider"]):
                 row["status"] = f"skipped (budget): {self.left():.0f} s left, a call takes {call_s:.1f} s"
             elif bad:
                 row["status"] = "check failed: " + ", ".join(
@@ -373,6 +379,15 @@ class Suite:
         providers[B] = loop_forward(m["b"][mk], baselines.rosinality_synthesis(m["b"][mk]))
         if not self.args.no_compile:
             providers[C] = self.compiled(("e2e", size, mk), lambda: loop_forward(ours, ours.synthesis))
+            if self.device == "cuda":  # torch.compile "reduce-overhead": the step replayed as CUDA graphs
+                for name in common.kernel_backends("modulated_conv2d", self.device, dtype_of(precision)):
+                    graphed = torch.compile(ours_forward, mode="reduce-overhead")
+
+                    def replay(w, noise, graphed=graphed):
+                        torch.compiler.cudagraph_mark_step_begin()
+                        return graphed(w, noise)
+
+                    providers[f"ours: {name}{GRAPHED}"] = with_backend(replay, modulated_conv2d=name)
         return providers
 
     def task_e2e(self, size: int, batch: int, precision: str, only=None) -> None:
@@ -409,7 +424,7 @@ class Suite:
             if self.generic_bf16(provider, precision):
                 self.skip(row, "skipped: bf16 through torch's generic CPU convolution (no oneDNN bf16 kernels here)")
                 continue
-            if self.left() <= 0 or (provider == C and self.left() < self.compile_guess()):
+            if self.left() <= 0 or (compiled_provider(provider) and self.left() < self.compile_guess()):
                 self.skip(row, "skipped (budget)")
                 continue
             self.run(row, make_step(forward), check, E2E_OUT_TOL[precision], GRAD_TOL[precision],

@@ -1,4 +1,6 @@
-"""LSAP_O inverter: schedule and losses, batch invariance, the SNCD term, LPIPS loading, editing, the demo."""
+"""LSAP_O inverter: schedule and losses, batch invariance, compiled steps, the SNCD term, LPIPS loading, editing, the
+demo."""
+import copy
 import json
 import math
 
@@ -144,6 +146,50 @@ def test_batch_invariance_is_exact_in_float64(gen, backend):
         full, one = inv.invert(x.double()), inv.invert(x[4:5].double())
     assert (one.latents - full.latents[4:5]).abs().max().item() < 1e-12
     assert max((a - b[4:5]).abs().max().item() for a, b in zip(one.noises, full.noises)) < 1e-12
+
+
+def test_compiled_steps_match_eager(gen, monkeypatch):
+    """compile=True traces each step's synthesis and losses as one graph (no graph break: on CUDA the whole step is
+    one CUDA graph) and gives eager's results to rounding. torch.compile runs with the aot_eager backend here: the
+    same tracing and autograd as inductor without minutes of C++ code generation on CI's 2 cores."""
+    g, anchors = gen
+    x, _ = targets(g, 3)
+    graphs = []
+    compile_ = torch.compile
+
+    def recording_compile(fn, mode=None, **kw):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+        return compile_(fn, backend=backend, **kw)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    with L.use_backend(modulated_conv2d="cpu" if "cpu" in MODCONV_BACKENDS else "reference"):
+        eager = Inverter(g, steps=8, anchors=anchors).invert(x)
+        compiled = Inverter(g, steps=8, anchors=anchors, compile=True).invert(x)
+    assert len(graphs) == 1
+    assert any("lsap" in str(n.target) for n in graphs[0].graph.nodes)  # our custom ops, not a decomposition
+    # aot_eager runs the traced ops unfused: equal here up to a reordering's rounding (inductor's fusion: ~1e-6)
+    assert (compiled.latents - eager.latents).abs().max().item() < 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(compiled.noises, eager.noises)) < 1e-6
+    assert torch.allclose(compiled.loss, eager.loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+def test_compiled_inversion_on_cuda(gen):
+    """compile=True on CUDA: inductor code and CUDA-graph replays (torch.compile's "reduce-overhead") on the automatic
+    backends (triton modconv), against the eager inversion on the same backends: the same results to rounding
+    (inductor's fused element-wise code), carried through 20 Adam steps."""
+    g, anchors = gen
+    x = targets(g, 4)[0].cuda()
+    g = copy.deepcopy(g).cuda()
+    eager = Inverter(g, steps=20, anchors=anchors.cuda()).invert(x)
+    compiled = Inverter(g, steps=20, anchors=anchors.cuda(), compile=True).invert(x)
+    assert eager.backends["modulated_conv2d"] == "triton"
+    assert (compiled.latents - eager.latents).abs().max().item() < 1e-3
+    assert torch.allclose(compiled.psnr, eager.psnr, atol=0.01, rtol=0)
+    assert torch.allclose(compiled.sncd, eager.sncd, atol=1e-4, rtol=0)
 
 
 def test_inversion_fits_and_sncd_term_aligns(gen):

@@ -1,7 +1,7 @@
 """``lsap-invert``: LSAP_O inversion of images into a StyleGAN2's W+ as a resumable job (torchrun-shardable).
 
     lsap-invert INPUTS... --out DIR --checkpoint G.pt [--batch-size N] [--steps N] [--sncd-weight X] [--resume]
-                [--precision bf16]
+                [--precision bf16] [--compile]
     lsap-invert --demo --out DIR            # embedded default: random-weight generator, no downloads
     torchrun --nproc_per_node=N -m lsap_kernels.invert INPUTS... --out DIR --checkpoint G.pt
 
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS,
                    help="synthesis precision (default fp32): bf16 runs the generator in bfloat16 (activations and "
                         "weights, fp32 accumulation) with fp32 latents, noise maps, optimiser state and losses")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each step's synthesis and losses (on CUDA as CUDA graphs, which removes the "
+                        "per-launch host time of small layers); the first batch compiles, tens of seconds")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; --demo on CPU: 1, which "
                                                "is fastest for its tiny layers and robust to a busy machine)")
@@ -126,7 +129,7 @@ def _make_inverter(g, s: dict, args) -> Inverter:
                     perceptual=None if s["perceptual"] == "none" else "lpips", perceptual_weight=s["lpips_weight"],
                     lpips_net=s["lpips_net"], lpips_backbone=args.lpips_backbone, lpips_lin=args.lpips_lin,
                     noise_regularize=s["noise_regularize"], seed=s["seed"], anchor_samples=s["anchor_samples"],
-                    cache_dir=args.cache_dir, precision=s["precision"])
+                    cache_dir=args.cache_dir, precision=s["precision"], compile=args.compile)
 
 
 def _png_writer(image: torch.Tensor):
@@ -320,7 +323,7 @@ def run_demo(args) -> int:
     lam = args.sncd_weight if args.sncd_weight is not None else DEFAULTS["sncd_weight"]
     precision = args.precision or DEFAULTS["precision"]
     common = dict(space=args.space or "w+", steps=steps, lr=args.lr or DEFAULTS["lr"], anchors=anchors,
-                  sncd_layers=args.sncd_layers or "lsap", seed=seed, precision=precision)
+                  sncd_layers=args.sncd_layers or "lsap", seed=seed, precision=precision, compile=args.compile)
     runs = {}
     for label, weight in ((f"projector (λ=0)", 0.0), (f"LSAP_O (λ={lam:g})", lam)):
         bar = _progress(steps * batch, not args.no_progress, label)
