@@ -70,7 +70,9 @@ class SNCDLoss(nn.Module):
         if anchors.shape != (self.layout.total_channels,):
             raise ValueError(f"anchors must have shape [{self.layout.total_channels}] for layers={layers!r}, "
                              f"got {tuple(anchors.shape)}")
-        self.register_buffer("anchors", anchors.detach().float().clone(), persistent=False)
+        # on the generator's device from the start: a per-call host-to-device copy would stall every step
+        device = next(generator.parameters()).device
+        self.register_buffer("anchors", anchors.detach().to(device, torch.float32, copy=True), persistent=False)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         styles, layout = self.generator.style_space(codes, self.layers)

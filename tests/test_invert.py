@@ -14,8 +14,8 @@ import lsap_kernels as L
 from lsap_kernels.invert import InversionResult, Inverter, apply_direction, load_direction, load_lpips
 from lsap_kernels.invert import cli as invert_cli
 from lsap_kernels.invert.edit import parse_layers
-from lsap_kernels.invert.inverter import (latent_noise_strength, learning_rate, noise_normalize_, noise_regularize,
-                                          psnr)
+from lsap_kernels.invert.inverter import (StepStats, latent_noise_strength, learning_rate, noise_normalize_,
+                                          noise_regularize, psnr)
 from lsap_kernels.invert.lpips import _features
 from lsap_kernels.metrics import cached_anchors
 
@@ -92,6 +92,15 @@ def test_noise_regularizer_and_renormalisation_are_per_image():
     for n in noises:
         assert torch.allclose(n.mean((1, 2, 3)), torch.zeros(5, dtype=n.dtype), atol=1e-12)
         assert torch.allclose(n.std((1, 2, 3)), torch.ones(5, dtype=n.dtype))
+
+
+def test_step_stats_are_batch_means_read_on_access():
+    loss, mse, sncd = torch.tensor([1.0, 3.0]), torch.tensor([0.04, 0.01]), torch.tensor([0.2, 0.4])
+    stats = StepStats(loss, mse, sncd)
+    assert dict(stats) == pytest.approx({"loss": 2.0, "psnr": (10 * math.log10(100) + 10 * math.log10(400)) / 2,
+                                         "sncd": 0.3})
+    with pytest.raises(KeyError):
+        stats["mse"]
 
 
 def test_psnr():
@@ -208,6 +217,11 @@ def test_inversion_fits_and_sncd_term_aligns(gen):
     assert [tuple(n.shape) for n in plain.noises] == [(4, 1, h, w) for h, w in g.noise_shapes()]
     assert all(t.shape == (4,) for t in (plain.loss, plain.psnr, plain.sncd, plain.mse)) and plain.lpips is None
     assert len(seen) == 60 and set(seen[0]) == {"loss", "psnr", "sncd"}
+    # the callback's stats, read after the run (each step's own copies): the fit improves, and the last step is
+    # close to the result (one more small update and noise renormalisation after it)
+    assert seen[0]["psnr"] < seen[-1]["psnr"] - 3
+    assert abs(seen[-1]["psnr"] - plain.psnr.mean().item()) < 0.5
+    assert abs(seen[-1]["sncd"] - plain.sncd.mean().item()) < 0.01
     # reported numbers are what they claim
     with torch.no_grad():
         recon = g.synthesis(plain.latents, noise=plain.noises)

@@ -103,6 +103,15 @@ def _progress(total: int, enabled: bool, desc: str):
     return _Quiet()
 
 
+STATS_EVERY = 25  # steps between the progress bar's loss/psnr/sncd: reading them waits for the GPU
+
+
+def _show_stats(bar, step: int, steps: int, stats) -> None:
+    if step % STATS_EVERY == 0 or step == steps - 1:
+        bar.set_postfix(loss=f"{stats['loss']:.4g}", psnr=f"{stats['psnr']:.2f}", sncd=f"{stats['sncd']:.4f}",
+                        refresh=False)
+
+
 def _device(args, ranks: Ranks) -> torch.device:
     if args.device:
         return torch.device(args.device)
@@ -236,8 +245,7 @@ def _run_job(args, ranks: Ranks) -> int:
 
         def step(i, stats, n=len(batch)):
             bar.update(n)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", psnr=f"{stats['psnr']:.2f}", sncd=f"{stats['sncd']:.4f}",
-                            refresh=False)
+            _show_stats(bar, i, settings["steps"], stats)
 
         res = inverter.invert(x, callback=step)
         edits = {}
@@ -330,8 +338,7 @@ def run_demo(args) -> int:
 
         def step(i, stats):
             bar.update(batch)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", psnr=f"{stats['psnr']:.2f}", sncd=f"{stats['sncd']:.4f}",
-                            refresh=False)
+            _show_stats(bar, i, steps, stats)
 
         runs[label] = Inverter(g, sncd_weight=weight, **common).invert(targets, callback=step)
         bar.close()

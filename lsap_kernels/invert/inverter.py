@@ -19,7 +19,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field, fields
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,33 @@ def check_precision(precision, device: torch.device) -> None:
     except backends.BackendError as exc:
         raise ValueError(f"precision='bf16' cannot run with the modulated_conv2d backend forced here: {exc}. Use "
                          "precision='fp32', or a backend that takes bfloat16 (cpu, reference)") from exc
+
+
+class StepStats(Mapping):
+    """A step's batch means ("loss", "psnr", "sncd") as floats, read from the device only when first accessed:
+    a callback that looks every k steps lets the host run ahead of a GPU in between (each read waits for the
+    step to finish)."""
+
+    def __init__(self, loss: torch.Tensor, mse: torch.Tensor, sncd: torch.Tensor):
+        self._tensors = {"loss": loss, "mse": mse, "sncd": sncd}
+        self._values: dict[str, float] = {}
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._values:
+            if key == "psnr":
+                mse = self._tensors["mse"]
+                self._values[key] = (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean().item()
+            elif key in ("loss", "sncd"):
+                self._values[key] = self._tensors[key].mean().item()
+            else:
+                raise KeyError(key)
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(("loss", "psnr", "sncd"))
+
+    def __len__(self) -> int:
+        return 3
 
 
 # ---- result ----------------------------------------------------------------------------------------------
@@ -359,12 +386,13 @@ class Inverter:
         return self._compiled_terms
 
     def invert(self, images: torch.Tensor, *, ids: Sequence | None = None, init: torch.Tensor | None = None,
-               callback: Callable[[int, dict], None] | None = None) -> InversionResult:
+               callback: Callable[[int, Mapping[str, float]], None] | None = None) -> InversionResult:
         """Invert images [B, 3, R, R] in [-1, 1] (R = generator size).
 
         ``ids``: one key per image for its RNG stream (default: the image's content hash, so the same image
         gets the same stream in any batch). ``init``: starting codes [B, n_latent, D] or [B, D] instead of the
-        mean latent. ``callback(step, stats)`` after every step with batch means of loss, psnr, sncd.
+        mean latent. ``callback(step, stats)`` after every step with batch means of loss, psnr, sncd
+        (a ``StepStats`` mapping: each value is read from the device when first accessed).
         """
         g = self.generator
         target = self._check_images(images)
@@ -419,8 +447,10 @@ class Inverter:
             strength = latent_noise_strength(t, w_std, self.initial_noise_factor, self.noise_ramp)
             lat = latent
             if strength > 0:
-                draw = torch.stack([torch.randn(shape, generator=r) for r in rngs]).to(device, dtype)
-                lat = latent + strength * draw
+                draw = torch.stack([torch.randn(shape, generator=r) for r in rngs])
+                if device.type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU every step
+                    draw = draw.pin_memory()
+                lat = latent + strength * draw.to(device, dtype, non_blocking=True)
             w_plus = to_w_plus(lat)
             if self.compile:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
@@ -432,9 +462,8 @@ class Inverter:
                 noise_normalize_(noises)
             if callback is not None:
                 with torch.no_grad():
-                    callback(step, {"loss": loss.mean().item(),
-                                    "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean().item(),
-                                    "sncd": s.mean().item()})
+                    # copies: with compile=True the next replay overwrites the graph's outputs
+                    callback(step, StepStats(loss.detach().clone(), mse.detach().clone(), s.detach().clone()))
         seconds = time.perf_counter() - t0
 
         with torch.no_grad():
