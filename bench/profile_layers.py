@@ -3,8 +3,9 @@ selected config-f 1024² layers under torch.profiler, device time by kernel name
 
     python bench/profile_layers.py [--out DIR] [--layers convs.15 to_rgbs.7 ...] [--batch 16] [--precision bf16]
 
-Writes profile_layers.md (rewritten after every layer) into DIR (default bench/results/<device>-<date>/). Defaults: the three largest layers and
-the mid-size ones the H200 suite run (2026-11-26) found slower than a baseline.
+Writes profile_layers.md (rewritten after every layer) into DIR (default bench/results/<device>-<date>/).
+Defaults: the three largest layers and the mid-size ones the H200 suite run (2026-11-26) found slower than a
+baseline. Meant for the GPU (bench/gpu_check.sh bench); on a CPU pass a small --size with its layer names.
 """
 from __future__ import annotations
 

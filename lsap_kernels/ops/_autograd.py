@@ -20,7 +20,9 @@ def fast_call(op) -> Callable:
     mode on (e.g. a backward with create_graph=True), torch.compile/export tracing, tensor subclasses such as
     FakeTensor and active dispatch modes go through ``op``, so derivatives, fake kernels, graph capture and what
     modes see stay those of the registered op."""
-    impl = op._init_fn  # the decorated Python function (torch.library.custom_op keeps it)
+    impl = getattr(op, "_init_fn", None)  # the decorated function (a private attribute of torch's CustomOpDef)
+    if impl is None:  # a torch without it: always dispatch
+        return op
 
     def call(*args):
         if (ALWAYS_DISPATCH or torch.is_grad_enabled() or torch.compiler.is_compiling()
