@@ -11,6 +11,8 @@ Providers, all timed in the same process on the same weights, latents, noise and
   (c) torch.compile(reference)  lsap_kernels' Generator on the plain-PyTorch reference backend, torch.compile'd
                                 (inductor; the compile time is reported apart and not in the step time)
   ours cpu fp32 / ours cpu bf16 lsap_kernels' Generator on the C++ `cpu` backend, precision "fp32" / "bf16"
+  ours cpu fp32, weights not cached   the same with the op's cache of weight-derived tensors off for the whole
+                                step (csrc/weight_cache_cpu.h): what that cache is worth
 Every provider's image and W+ gradient are checked against ours fp32 before timing (that step is also the
 warm-up; for (c) it is the compile, timed on an empty inductor cache). Providers are then timed in interleaved
 rounds (one step of each per round, order rotating), median per provider, so that machine-load drift hits all alike.
@@ -24,6 +26,7 @@ cost on small VMs); the run records the setting.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -44,9 +47,11 @@ import baselines  # noqa: E402
 import common  # noqa: E402
 
 import lsap_kernels as L  # noqa: E402
+from lsap_kernels import _ext  # noqa: E402
 
+UNCACHED = "ours cpu fp32, weights not cached"  # forward and backward (the op's weight-derived tensors rebuilt)
 ALL = ("(a) rosinality grouped conv", "(b) rosinality input scaling", "(c) torch.compile(reference)",
-       "ours cpu fp32", "ours cpu bf16")
+       "ours cpu fp32", "ours cpu bf16", UNCACHED)
 
 
 def step_flops(g: L.Generator, batch: int) -> float:
@@ -128,6 +133,16 @@ def notes(rows, floor, profile, batch) -> list[str]:
     return out
 
 
+def without_weight_cache(fn, *args):
+    """``fn`` with the C++ op's cache of weight-derived tensors off (csrc/weight_cache_cpu.h), as before it."""
+    C = _ext.module()
+    limit = C.modconv_weight_cache_limit_mb_cpu(0)
+    try:
+        return fn(*args)
+    finally:
+        C.modconv_weight_cache_limit_mb_cpu(limit)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
@@ -173,6 +188,7 @@ def main(argv=None):
             "(b) rosinality input scaling": baselines.rosinality_synthesis(theirs_in),
             "ours cpu fp32": lambda w, ns: ours.synthesis(w, ns),
             "ours cpu bf16": lambda w, ns: ours_bf16.synthesis(w, ns),
+            UNCACHED: lambda w, ns: ours.synthesis(w, ns),
         }
         if "(c) torch.compile(reference)" in args.providers:
             if compiled_synthesis is None:
@@ -185,6 +201,8 @@ def main(argv=None):
         for name in names:  # correctness check + warm-up (+ compile for (c))
             t0 = time.perf_counter()
             steps[name] = make_step(providers[name])
+            if name == UNCACHED:
+                steps[name] = functools.partial(without_weight_cache, steps[name])
             img, grad = steps[name]()
             if name.startswith("(c)"):
                 compile_s[batch] = time.perf_counter() - t0

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "ops.h"
+#include "weight_cache_cpu.h"
 
 namespace py = pybind11;
 
@@ -73,6 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("modconv_epilogue_bwd_cpu", raising_here(&modconv_epilogue_bwd_cpu));
   m.def("modconv_skip_bwd_cpu", raising_here(&modconv_skip_bwd_cpu));
   m.def("modconv_workspace_clear_cpu", raising_here(&modconv_workspace_clear_cpu));
+  m.def("modconv_weight_cache_size_cpu", raising_here(&weight_cache_size));
+  m.def("modconv_weight_cache_limit_mb_cpu", raising_here(&weight_cache_limit_mb));
 #ifdef LSAP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("style_normalize_fwd_cuda", raising_here(&style_normalize_fwd_cuda));

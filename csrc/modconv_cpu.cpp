@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "weight_cache_cpu.h"
 #include "winograd_cpu.h"
 
 // The row kernels' channel loops hold selects (leaky-ReLU slope, clamp); under GCC's default -ftrapping-math an FP
@@ -496,16 +497,19 @@ at::Tensor skip_backward(const at::Tensor& grad, int64_t hs, int64_t ws) {
   return out;
 }
 
-// Q[o, i] = Σ_k W[o, i, k]² in the accumulation dtype.
+// Q[o, i] = Σ_k W[o, i, k]² in the accumulation dtype A, [Cout·Cin]; kept per weight (csrc/weight_cache_cpu.h).
 template <typename A, typename W>
-std::vector<A> weight_sq(const at::Tensor& weight) {
-  const int64_t cout = weight.size(0), cin = weight.size(1), kk = weight.size(2) * weight.size(3);
-  std::vector<A> q(cout * cin);
-  const W* w = weight.data_ptr<W>();
-  at::parallel_for(0, cout, 8, [&](int64_t begin, int64_t end) {
-    ISA(sumsq_groups<W, A>(w + begin * cin * kk, (end - begin) * cin, kk, q.data() + begin * cin));
+at::Tensor weight_sq(const at::Tensor& weight) {
+  return derived_from_weight(weight, kSquareSums, [&] {
+    const int64_t cout = weight.size(0), cin = weight.size(1), kk = weight.size(2) * weight.size(3);
+    auto q = at::empty({cout * cin}, weight.options().dtype(c10::CppTypeToScalarType<A>::value));
+    A* qp = q.template data_ptr<A>();
+    const W* w = weight.data_ptr<W>();
+    at::parallel_for(0, cout, 8, [&](int64_t begin, int64_t end) {
+      ISA(sumsq_groups<W, A>(w + begin * cin * kk, (end - begin) * cin, kk, qp + begin * cin));
+    });
+    return q;
   });
-  return q;
 }
 
 // d[b, o] = (g² Σ_i s[b, i]² Q[o, i] + eps)^(-1/2)
@@ -513,7 +517,8 @@ template <typename T>
 at::Tensor demod_impl(const at::Tensor& weight, const at::Tensor& styles, double weight_gain, double eps) {
   using A = acc_of<T>;
   const int64_t batch = styles.size(0), cout = weight.size(0), cin = weight.size(1);
-  const auto q = weight_sq<A, T>(weight);
+  const auto q_t = weight_sq<A, T>(weight);
+  const A* q = q_t.template data_ptr<A>();
   auto d = at::empty({batch, cout}, styles.options().dtype(acc_type(styles.scalar_type())));
   A* dp = d.data_ptr<A>();
   const T* s = styles.data_ptr<T>();
@@ -523,7 +528,7 @@ at::Tensor demod_impl(const at::Tensor& weight, const at::Tensor& styles, double
   at::parallel_for(0, batch * cout, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / cout, o = item % cout;
-      const A acc = ISA(dot_lanes<A>(s2.data() + b * cin, q.data() + o * cin, cin));
+      const A acc = ISA(dot_lanes<A>(s2.data() + b * cin, q + o * cin, cin));
       dp[item] = A(1) / std::sqrt(g2 * acc + ep);
     }
   });
@@ -647,9 +652,14 @@ bool use_phases(int64_t k) {
 at::Tensor conv_up_phases(const at::Tensor& u, const at::Tensor& w) {
   RECORD_FUNCTION("modconv::conv_up_phases", std::vector<c10::IValue>());
   const int64_t batch = u.size(0), h = u.size(2), wd = u.size(3), cout = w.size(0);
-  const auto flipped = w.flip({2, 3});  // taps in order 2, 1, 0: even parity = every other (2, 0), odd = the middle
+  // taps in order 2, 1, 0: even parity = every other (2, 0), odd = the middle; kept per weight, in oneDNN's layout
   auto taps = [&](int a, int b) {
-    return flipped.slice(2, a, a == 0 ? 3 : 2, a == 0 ? 2 : 1).slice(3, b, b == 0 ? 3 : 2, b == 0 ? 2 : 1).contiguous();
+    return derived_from_weight(w, kPhaseTaps + 2 * a + b, [&] {
+      return w.flip({2, 3})
+          .slice(2, a, a == 0 ? 3 : 2, a == 0 ? 2 : 1)
+          .slice(3, b, b == 0 ? 3 : 2, b == 0 ? 2 : 1)
+          .contiguous(at::MemoryFormat::ChannelsLast);
+    });
   };
   auto t = empty_cl({batch, cout, 2 * h + 1, 2 * wd + 1}, u, u.scalar_type());
   for (int a = 0; a < 2; ++a)
@@ -736,11 +746,21 @@ std::tuple<at::Tensor, at::Tensor> pointwise_backward(const at::Tensor& gz, cons
   return {dx, r};
 }
 
+// The weight for oneDNN with channels_last activations: it would copy it into that layout at every call.
+at::Tensor onednn_weight(const at::Tensor& w) {
+  return derived_from_weight(w, kChannelsLast, [&] { return w.contiguous(at::MemoryFormat::ChannelsLast); });
+}
+
+at::Tensor onednn_weight_transposed(const at::Tensor& w) {
+  return derived_from_weight(w, kTransposedChannelsLast,
+                             [&] { return w.transpose(0, 1).contiguous(at::MemoryFormat::ChannelsLast); });
+}
+
 at::Tensor conv_forward(const at::Tensor& u, const at::Tensor& w, int64_t up) {
   const int64_t k = w.size(2);
-  if (up == 1) return at::convolution(u, w, {}, {1, 1}, {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1);
+  if (up == 1) return at::convolution(u, onednn_weight(w), {}, {1, 1}, {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1);
   if (use_phases(k)) return conv_up_phases(u, w);
-  return at::convolution(u, w.transpose(0, 1), {}, {2, 2}, {0, 0}, {1, 1}, true, {0, 0}, 1);
+  return at::convolution(u, onednn_weight_transposed(w), {}, {2, 2}, {0, 0}, {1, 1}, true, {0, 0}, 1);
 }
 
 }  // namespace
@@ -883,7 +903,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> modconv_epilogue_bwd_
   return epilogue_bwd_impl(grad, conv_out, d, noise, noise_strength, bias, up, k, lrelu, gain, clamp, need_g_conv);
 }
 
-void modconv_workspace_clear_cpu() { pool().clear(); }
+void modconv_workspace_clear_cpu() {
+  pool().clear();
+  weight_cache_clear();
+}
 
 at::Tensor modconv_skip_bwd_cpu(const at::Tensor& grad_in) {
   RECORD_FUNCTION("modconv::skip_bwd", std::vector<c10::IValue>());
@@ -954,7 +977,8 @@ void style_demod_backward(std::vector<at::Tensor>& res, const at::Tensor& r, con
       auto ds = at::empty({batch, cin}, styles.options().dtype(acc));
       A* dsp = ds.data_ptr<A>();
       const A* rp = r.data_ptr<A>();
-      std::vector<A> q = demodulate ? weight_sq<A, scalar_t>(weight) : std::vector<A>();
+      const auto q_t = demodulate ? weight_sq<A, scalar_t>(weight) : at::Tensor();
+      const A* q = demodulate ? q_t.template data_ptr<A>() : nullptr;
       constexpr int64_t kBlock = 64;  // channels per work item; the sum over o runs in order for each
       const int64_t blocks = (cin + kBlock - 1) / kBlock;
       at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -963,7 +987,7 @@ void style_demod_backward(std::vector<at::Tensor>& res, const at::Tensor& r, con
           const int64_t b = item / blocks, i0 = (item % blocks) * kBlock, n = std::min(kBlock, cin - i0);
           std::fill(t.begin(), t.end(), A(0));
           if (demodulate)
-            for (int64_t o = 0; o < cout; ++o) ISA(axpy<A>(e[b * cout + o], q.data() + o * cin + i0, t.data(), n));
+            for (int64_t o = 0; o < cout; ++o) ISA(axpy<A>(e[b * cout + o], q + o * cin + i0, t.data(), n));
           for (int64_t i = i0; i < i0 + n; ++i)
             dsp[b * cin + i] = g * rp[b * cin + i] - g2 * ld<A>(sp[b * cin + i]) * t[i - i0];
         }
@@ -1081,12 +1105,12 @@ std::vector<at::Tensor> modconv_bwd_cpu(const at::Tensor& grad, const at::Tensor
         std::tie(std::ignore, gw, std::ignore) = at::convolution_backward(
             g_conv, u, w_conv, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, {false, true, false});
     } else if (up == 1) {
-      std::tie(gu, gw, std::ignore) = at::convolution_backward(g_conv, u, w_conv, std::nullopt, {1, 1},
-                                                               {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1,
+      std::tie(gu, gw, std::ignore) = at::convolution_backward(g_conv, u, onednn_weight(w_conv), std::nullopt,
+                                                               {1, 1}, {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1,
                                                                {need_gu, need_w, false});
     } else {
-      std::tie(gu, gw, std::ignore) = at::convolution_backward(g_conv, u, w_conv.transpose(0, 1), std::nullopt,
-                                                               {2, 2}, {0, 0}, {1, 1}, true, {0, 0}, 1,
+      std::tie(gu, gw, std::ignore) = at::convolution_backward(g_conv, u, onednn_weight_transposed(w_conv),
+                                                               std::nullopt, {2, 2}, {0, 0}, {1, 1}, true, {0, 0}, 1,
                                                                {need_gu, need_w, false});
       if (need_w) gw = gw.transpose(0, 1);
     }

@@ -12,6 +12,8 @@
 // reductions across work items. Measured against oneDNN: bench/bench_cpu_winograd.py.
 #include "winograd_cpu.h"
 
+#include "weight_cache_cpu.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <c10/util/BFloat16.h>
@@ -66,16 +68,13 @@ bool has_avx2() {
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // U[ξ][nb][k][j] = (G g Gᵀ)[ξ] for the filter g from input channel k to output channel n = 16·nb + j (zero for
-// n ≥ N), G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]. adjoint: g = weight[k, n] flipped. Written into a
-// buffer of the calling thread, kept for the next call (up to 16 MB at 512 × 512 channels): a fresh one costs
-// page faults on every call.
-const float* transform_weight(const at::Tensor& weight, bool adjoint, int64_t K, int64_t N, int64_t Np) {
+// n ≥ N), G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]. adjoint: g = weight[k, n] flipped.
+at::Tensor transform_weight_uncached(const at::Tensor& weight, bool adjoint, int64_t K, int64_t N, int64_t Np) {
   const auto w = weight.to(at::kFloat).contiguous();
   const float* wp = w.data_ptr<float>();
   const int64_t nblocks = Np / 16;
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < static_cast<size_t>(16 * Np * K)) buffer.resize(16 * Np * K);
-  float* U = buffer.data();
+  auto out = at::empty({16 * Np * K}, w.options());
+  float* U = out.data_ptr<float>();
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb)
       for (int64_t k = 0; k < K; ++k)
@@ -98,7 +97,14 @@ const float* transform_weight(const at::Tensor& weight, bool adjoint, int64_t K,
           }
         }
   });
-  return U;
+  return out;
+}
+
+// U, 16 MB at 512 × 512 channels: kept per weight (csrc/weight_cache_cpu.h), built once for an inversion's frozen
+// weights instead of at every call.
+at::Tensor transform_weight(const at::Tensor& weight, bool adjoint, int64_t K, int64_t N, int64_t Np) {
+  return derived_from_weight(weight, adjoint ? kWinogradAdjoint : kWinogradForward,
+                             [&] { return transform_weight_uncached(weight, adjoint, K, N, Np); });
 }
 
 template <typename I>
@@ -162,7 +168,7 @@ void winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& scale, const at
   const auto U = transform_weight(weight, adjoint, K, N, Np);
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat)
-    run_chunks<float>(x, sp, U, N, Np, out);
+    run_chunks<float>(x, sp, U.data_ptr<float>(), N, Np, out);
   else
-    run_chunks<c10::BFloat16>(x, sp, U, N, Np, out);
+    run_chunks<c10::BFloat16>(x, sp, U.data_ptr<float>(), N, Np, out);
 }

@@ -169,6 +169,56 @@ def test_frozen_weight_paths_and_workspace_reuse(variant):
         assert all(torch.equal(leaves[n].grad, again[n].grad) for n in leaves)
 
 
+@pytest.mark.parametrize("conv", ["onednn", "winograd"])
+@pytest.mark.parametrize("up", [1, 2])
+def test_weight_derived_tensors_follow_the_weight(up, conv, monkeypatch):
+    """What the op derives from a weight alone (oneDNN layouts, up-sampling phase taps, Winograd transforms, Σ w²) is
+    kept between calls (csrc/weight_cache_cpu.cpp): a new view of the same weight reuses it, while an in-place
+    update of the weight, and another weight — also one allocated where a freed one was — get their own; every
+    result checked against the reference backend, forward and input gradients."""
+    monkeypatch.setenv("LSAP_MODCONV_CONV", conv)
+    gen = torch.Generator().manual_seed(21)
+    x0, s0 = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, generator=gen)
+    g = torch.randn(2, 24, 8 * up, 8 * up, generator=gen)
+
+    def run(weight, backend="cpu"):
+        x, styles = (t.to(weight.dtype, copy=True).requires_grad_(True) for t in (x0, s0))
+        out = L.modulated_conv2d(x, weight, styles, up=up, backend=backend)
+        out.backward(g.to(weight.dtype))
+        return out.detach(), x.grad, styles.grad
+
+    def check(weight):
+        got, ref = run(weight), run(weight.double(), "reference")
+        for a, b in zip(got, ref):
+            assert rel_err(a, b) < 1e-5
+        return got
+
+    modconv_cpu.clear_workspace()
+    param = torch.randn(1, 24, 16, 3, 3, generator=gen)  # the Generator's layout: layers pass param[0], a new view
+    first = check(param[0])
+    entries = C.modconv_weight_cache_size_cpu()
+    assert entries > 0
+    again = run(param[0])
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and C.modconv_weight_cache_size_cpu() == entries
+    with torch.no_grad():
+        param[0, :, :, 1, 1] *= -3.0  # in place: the weight's version counter moves
+    updated = check(param[0])
+    assert not torch.equal(updated[0], first[0])
+    param.data.mul_(0.5).add_(0.1)  # through .data (its own version counter), as rosinality's EMA update writes
+    check(param[0])
+    trained = param.clone().requires_grad_(True)  # a weight being trained is not kept
+    before = C.modconv_weight_cache_size_cpu()
+    check(trained[0].detach().requires_grad_(True))
+    assert C.modconv_weight_cache_size_cpu() == before
+    for _ in range(3):  # freed weights, and new ones where they were
+        del param
+        param = torch.randn(1, 24, 16, 3, 3, generator=gen)
+        check(param[0])
+    assert C.modconv_weight_cache_size_cpu() <= entries  # entries of freed or outdated weights are dropped
+    modconv_cpu.clear_workspace()
+    assert C.modconv_weight_cache_size_cpu() == 0
+
+
 def test_torgb_op_bit_identical_across_thread_counts():
     """With a frozen weight the toRGB op is all ours (fused 1×1 pass, epilogue, skip): same bits, 1 or 2 threads."""
     batch, cin, size = 2, 24, 48

@@ -1,9 +1,10 @@
 """Autograd for the kernel custom ops with little host time per call.
 
 In eager mode a small custom-op call spends more host time in torch.library's dispatch and per-call autograd wrapper
-(a generated Function, a schema default fill quadratic in the argument count) than in our launcher: on a GPU, where
-an inversion step is ~50 small launches per layer pass, that host time is the step time. So our call sites run the
-op's Python implementation directly where nothing needs the dispatcher, and the registered op everywhere else.
+(a generated Function, a schema default fill quadratic in the argument count) than in our launcher, and on a GPU the
+small layers of a generator are bound by host time (bench/results/nvidia-h200-2026-11-26/gpu_check.md). So our call
+sites run the op's Python implementation directly where nothing needs the dispatcher, and the registered op
+everywhere else (bench/bench_host_overhead.py measures both).
 """
 from __future__ import annotations
 

@@ -51,7 +51,11 @@ def clear_workspace() -> None:
     """Return the memory the C++ op keeps for reuse to the OS. Its large tensors (outputs and temporaries) come from
     a small caching pool — at most LSAP_MODCONV_WORKSPACE_MB of freed blocks are kept (default 2048; 0 disables) —
     because first-touch page faults of fresh large tensors cost about as much as the pass that writes them, and an
-    inversion allocates the same sizes every step. Tensors in use are not affected."""
+    inversion allocates the same sizes every step. What the op derives from a frozen weight (oneDNN layouts, phase
+    taps, Winograd transforms, Σ w²: rebuilding them cost as much as a small layer's convolution) is kept too, at
+    most LSAP_MODCONV_WEIGHT_CACHE_MB (default 1024; 0 disables), and rebuilt when the weight changes (an in-place
+    update, or new values written through ``.data``: see csrc/weight_cache_cpu.h). Tensors in use are not
+    affected."""
     if _ext.cpu_available():
         _ext.module().modconv_workspace_clear_cpu()
 
