@@ -75,10 +75,14 @@ def mse_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).square().flatten(1).mean(1)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image of images in [-1, 1] (peak-to-peak 2); ``x`` is clamped to [-1, 1] first."""
-    mse = mse_per_image(x.clamp(-1, 1).float(), y.float())
+def psnr_of_mse(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of a mean squared error of images in [-1, 1] (peak-to-peak 2)."""
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of images in [-1, 1]; ``x`` is clamped to [-1, 1] first."""
+    return psnr_of_mse(mse_per_image(x.clamp(-1, 1).float(), y.float()))
 
 
 def downsample_to(x: torch.Tensor, size: int = 256) -> torch.Tensor:
@@ -149,8 +153,7 @@ class StepStats(Mapping):
     def __getitem__(self, key: str) -> float:
         if key not in self._values:
             if key == "psnr":
-                mse = self._tensors["mse"]
-                self._values[key] = (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean().item()
+                self._values[key] = psnr_of_mse(self._tensors["mse"]).mean().item()
             elif key in ("loss", "sncd"):
                 self._values[key] = self._tensors[key].mean().item()
             else:

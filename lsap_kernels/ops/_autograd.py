@@ -45,7 +45,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
         setup_context(ctx, inputs, output)
         return output
 
-    function = type(f"{op._name}_function", (torch.autograd.Function,), {
+    function = type(f"{getattr(op, '_name', 'lsap_op')}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
     op.register_autograd(backward, setup_context=setup_context)
     return function.apply
