@@ -5,6 +5,7 @@
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
 #   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call, the suite (bench/suite.py)
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
+# (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
 # but no network: build in place with the machine's python.
@@ -59,7 +60,8 @@ timeout 50 "$PY" bench/profile_layers.py --out "$OUT" > /dev/null 2>&1; echo "pr
 echo "== benchmark suite (bench/suite.py: end to end, every layer, SNCD; writes suite.json/.md/.png into \$OUT)"
 # --budget-s: no new work after that; the suite rewrites its results after every task and on SIGTERM, so the
 # hard timeout still leaves what was measured. The suite covers bench_style.py's SNCD rows.
-timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" \
+# BENCH_ARGS: more suite arguments, e.g. "--sections modconv --op-batches 16 1 64" for the layer tables alone
+timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} \
   > "$OUT/suite.log" 2>&1
 echo "bench exit $?"; grep -A12 "^## Headline" "$OUT/suite.md" 2>/dev/null; tail -5 "$OUT/suite.log"
 fi
