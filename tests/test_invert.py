@@ -174,9 +174,12 @@ def test_compiled_steps_match_eager(gen, monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", recording_compile)
-    with L.use_backend(modulated_conv2d="cpu" if "cpu" in MODCONV_BACKENDS else "reference"):
-        eager = Inverter(g, steps=8, anchors=anchors).invert(x)
-        compiled = Inverter(g, steps=8, anchors=anchors, compile=True).invert(x)
+    try:
+        with L.use_backend(modulated_conv2d="cpu" if "cpu" in MODCONV_BACKENDS else "reference"):
+            eager = Inverter(g, steps=8, anchors=anchors).invert(x)
+            compiled = Inverter(g, steps=8, anchors=anchors, compile=True).invert(x)
+    finally:
+        torch._dynamo.reset()  # no aot_eager graphs left for later compiles of the same code
     assert len(graphs) == 1
     assert any("lsap" in str(n.target) for n in graphs[0].graph.nodes)  # our custom ops, not a decomposition
     # aot_eager runs the traced ops unfused: equal here up to a reordering's rounding (inductor's fusion: ~1e-6)
