@@ -21,7 +21,8 @@ from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_str
 if triton is not None:
     import triton.language as tl
 
-    from .triton_fwd import INTERPRETED, activate, fir_gather, gemm_configs, preactivation, prune_mn, tuned
+    from .triton_fwd import (INTERPRETED, activate, ew_configs, fir_gather, gemm_configs, preactivation,
+                              prune_mn, tuned)
 
     @triton.jit
     def _epilogue_bwd_kernel(g_ptr, zt_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
@@ -81,10 +82,7 @@ if triton is not None:
             n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
             tl.store(gs_part_ptr + b * n_m + pid_m, tl.sum(noise_acc * n, axis=0))
 
-    EW_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
-                  for bm, bn, w in [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]]
-
-    @tuned(EW_CONFIGS, key=["Cout", "GH", "GW", "TH", "TW", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
+    @tuned(ew_configs(), key=["Cout", "GH", "GW", "TH", "TW", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
            interpret={"BM": 64, "BN": 16})
     @triton.jit
     def _fir_adjoint_kernel(gz_ptr, gt_ptr, Cout, GH, GW, TH, TW, PIXELS, sgb, sgc, sgh, sgw, stb, stc, sth, stw,
@@ -102,7 +100,7 @@ if triton is not None:
         tl.store(gt_ptr + b * stb + (ty * sth + tx * stw)[:, None] + offs_n[None, :] * stc,
                  v.to(gt_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    @tuned(EW_CONFIGS, key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout"), interpret={"BM": 64, "BN": 16})
+    @tuned(ew_configs(), key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout"), interpret={"BM": 64, "BN": 16})
     @triton.jit
     def _skip_bwd_kernel(g_ptr, out_ptr, Cout, SH, SW, PIXELS, sgb, sgc, sgh, sgw, sob, soc, soh, sow,
                          BM: tl.constexpr, BN: tl.constexpr):
