@@ -33,20 +33,23 @@ if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --i
 fi
 "$PY" -c "import lsap_kernels as L; print('backends', L.available_backends())" | tee -a "$OUT/env.txt"
 # Test phases: SIGINT at the time box (pytest then still reports what ran; a SIGTERM'd run left no output), -v so a
-# cut-short log names each test, and one Triton block config per shape (LSAP_TRITON_AUTOTUNE=0): each autotuned
-# config is one more compilation, the tests are about values, and the benchmark checks every config it times.
+# cut-short log names each test, one Triton block config per shape (LSAP_TRITON_AUTOTUNE=0: each autotuned config
+# is one more compilation, the tests are about values, and the benchmark checks every config it times), and
+# pytest-xdist workers: Triton compilation (~15 s per config-f test) is CPU work, the host has 16 cores.
 run_tests() {  # run_tests SECONDS LOG PYTEST-ARGS...
   local secs=$1 log=$2; shift 2
   LSAP_TRITON_AUTOTUNE=0 timeout -s INT -k 20 "$secs" "$PY" -m pytest -v -rfs -p no:cacheprovider --durations=10 "$@" \
     >> "$log" 2>&1
   echo "exit $?: $(grep -E "^(=+ )?[0-9]+ (passed|failed)|[0-9]+ (passed|failed|error)" "$log" | tail -1)"
 }
+workers() { "$PY" -c "import xdist" 2> /dev/null && echo "-n $1"; }  # none where pytest-xdist is missing
 if [ "$MODE" = tests ]; then
 echo "== GPU tests (cuda/triton cases and gpu-marked)"
 : > "$OUT/tests_gpu.log"
-echo -n "gpu-marked "; run_tests "${GPU_TESTS_TIMEOUT:-200}" "$OUT/tests_gpu.log" -m gpu tests
-echo -n "cuda/triton cases "; run_tests "${CASES_TIMEOUT:-150}" "$OUT/tests_gpu.log" -k "cuda or triton" -m "not gpu" \
-  tests --ignore tests/test_build.py
+# 3 workers for the batch-16 config-f tests (their float64 references take GPU memory), 6 for the small cases
+echo -n "gpu-marked "; run_tests "${GPU_TESTS_TIMEOUT:-200}" "$OUT/tests_gpu.log" $(workers 3) -m gpu tests
+echo -n "cuda/triton cases "; run_tests "${CASES_TIMEOUT:-150}" "$OUT/tests_gpu.log" $(workers 6) -k "cuda or triton" \
+  -m "not gpu" tests --ignore tests/test_build.py
 grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
 echo "== SNCD kernel launches by name (the op's own kernels vs PyTorch's), 2 batch sizes"
 timeout 90 "$PY" bench/bench_style.py --batches 1 256 --no-compile --out "$OUT" > /dev/null 2>&1
@@ -54,7 +57,8 @@ echo "style bench exit $?"; grep -E "ours" "$OUT/style.md" | head -8
 fi
 if [ "$MODE" = bench ]; then
 echo "== host time per call (bench/bench_host_overhead.py: our call path vs the registered op, tiny shapes)"
-timeout 60 "$PY" bench/bench_host_overhead.py --out "$OUT" 2>&1 | grep -v "^wrote"
+# ~2 ms per call on these hosts: 100 calls × 5 rounds per row fits the box (400 × 7 did not)
+timeout 60 "$PY" bench/bench_host_overhead.py --calls 100 --repeats 5 --out "$OUT" 2>&1 | grep -v "^wrote"
 echo "== where the layers' time goes (bench/profile_layers.py: kernel times of the largest and the losing layers)"
 timeout 50 "$PY" bench/profile_layers.py --out "$OUT" > /dev/null 2>&1; echo "profile exit $?"
 echo "== benchmark suite (bench/suite.py: end to end, every layer, SNCD; writes suite.json/.md/.png into \$OUT)"
@@ -69,6 +73,6 @@ if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"
 # -v: with xdist the failures are named as they happen, so a time-boxed run still says which ones failed
 : > "$OUT/tests_all.log"
-echo -n "suite "; run_tests "${SUITE_TIMEOUT:-240}" "$OUT/tests_all.log" -n 12 tests --ignore tests/test_build.py
+echo -n "suite "; run_tests "${SUITE_TIMEOUT:-240}" "$OUT/tests_all.log" $(workers 12) tests --ignore tests/test_build.py
 grep -E "FAILED|ERROR" "$OUT/tests_all.log" | head -20
 fi

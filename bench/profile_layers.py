@@ -33,8 +33,9 @@ def layer_call(g, name: str, batch: int, dtype, device: str):
     spec = next(s for s in layer_specs(g) if s["layer"] == name)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def rnd(*shape, dt=dtype):
-        return torch.randn(*shape, generator=gen, device=device).to(dt).requires_grad_(True)
+    def rnd(*shape, dt=dtype):  # 4-D tensors channels_last: what our layers produce and get inside the generator
+        t = torch.randn(*shape, generator=gen, device=device).to(dt)
+        return (t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t).requires_grad_(True)
 
     x = rnd(batch, spec["cin"], spec["res_in"], spec["res_in"])
     w = rnd(batch, 512, dt=torch.float32)
@@ -42,10 +43,12 @@ def layer_call(g, name: str, batch: int, dtype, device: str):
         side = rnd(batch, 3, spec["res_out"] // 2, spec["res_out"] // 2) if spec["skip"] else None
     else:
         side = rnd(batch, 1, spec["res_out"], spec["res_out"])
-    grad_out = torch.randn(batch, spec["cout"], spec["res_out"], spec["res_out"], generator=gen,
-                           device=device).to(dtype)
+    grad_out = rnd(batch, spec["cout"], spec["res_out"], spec["res_out"]).detach()
 
     def call():
+        for t in (x, w, side):  # fresh gradients, as in an inversion step: no accumulation kernels in the profile
+            if t is not None:
+                t.grad = None
         layer(x, w, side).backward(grad_out)
 
     return call, spec

@@ -81,6 +81,15 @@ def compiled_provider(provider: str) -> bool:
     return provider.startswith("(c)") or provider.endswith(GRAPHED)
 
 
+def native_channels_last(provider: str) -> bool:
+    """Whether the provider's layers write channels_last activations (our kernel backends do)."""
+    return provider.startswith("ours: ") and provider != REF
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t
+
+
 def dtype_of(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -281,7 +290,8 @@ class Suite:
                 row["GB_per_s"] = row["MB"] / row["ms"]
                 if row["section"] == "e2e":
                     row["img_steps_per_s"] = row["batch"] / row["ms"] * 1e3
-                if peak_memory and self.device == "cuda":
+                # a graphed step's memory is the CUDA-graph pool, allocated at capture: not measurable per step here
+                if peak_memory and self.device == "cuda" and not row["provider"].endswith(GRAPHED):
                     torch.cuda.synchronize()
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
@@ -508,6 +518,7 @@ class Suite:
             seed = 7919 * (idx + 1)
             sets = None
             providers = self.layer_providers(s, precision, with_compile=not self.args.no_compile)
+            cl_sets = None
             for provider, fn in providers.items():
                 if only_compile != (provider == C):
                     continue
@@ -529,8 +540,15 @@ class Suite:
                     names = ("out", "x_grad", "w_grad", "noise_or_skip_grad")
                     return {k: rel(o[:n], r[:n]) for k, o, r in zip(names, outputs, ref) if r is not None}
 
-                self.run(row, self.layer_step(fn, sets, backward), check, OUT_TOL[precision], GRAD_TOL[precision])
-            del sets
+                # each provider gets its inputs in the layout its own layers produce, as inside its generator: our
+                # kernels write channels_last (NCHW inputs would cost ours a layout copy of x's gradient per call)
+                if native_channels_last(provider):
+                    cl_sets = cl_sets or [[channels_last(t) for t in st] for st in sets]
+                elif cl_sets is not None:
+                    cl_sets = None
+                self.run(row, self.layer_step(fn, cl_sets or sets, backward), check, OUT_TOL[precision],
+                         GRAD_TOL[precision])
+            del sets, cl_sets
         self.free()
 
     # ---- style normalisation + SNCD ----------------------------------------------------------------------------
