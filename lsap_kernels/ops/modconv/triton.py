@@ -1,11 +1,11 @@
 """Triton backend of ``modulated_conv2d``: custom ops ``lsap::modulated_conv2d_triton`` (+ ``_backward_triton``)
 with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
 
-The forward op returns (out, conv_out, d): conv_out is what the backward reads — z (up=1) or the transposed conv T
-(up=2, before the blur), empty when the backward needs neither (linear, no clamp, no demodulation: toRGB) — and d
-the fp32 demodulation coefficients. The style scale s·g, Q = Σ_taps W² and d = rsqrt((s·g)² @ Qᵀ + eps) are tiny
-[B, Cin]/[Cout, Cin]/[B, Cout] tensors computed with torch in fp32 (torch's own TF32 switch, off by default,
-governs that one small matmul); every full-size pass is a Triton kernel.
+The forward op returns (out, conv_out, d): conv_out is what the backward reads — z, the conv output before the
+epilogue (for up=2 the blurred transposed conv), empty when the backward does not need it (linear, no clamp, no
+demodulation: toRGB) — and d the fp32 demodulation coefficients. The style scale s·g, Q = Σ_taps W² and
+d = rsqrt((s·g)² @ Qᵀ + eps) are tiny [B, Cin]/[Cout, Cin]/[B, Cout] tensors computed with torch in fp32 (torch's
+own TF32 switch, off by default, governs that one small matmul); every full-size pass is a Triton kernel.
 
 fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
 the 16-bit inputs with fp32 accumulation. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
@@ -63,11 +63,10 @@ if triton is not None:
     def _(x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
           tf32):
         batch, _, h, w = x.shape
-        cout, k = weight.shape[0], weight.shape[-1]
+        cout = weight.shape[0]
         out = cl_empty((batch, cout, h * up, w * up), x.dtype, x.device)
         if needs_conv_out(demodulate, lrelu, clamp):
-            conv_hw = (h, w) if up == 1 else (2 * h + k - 2, 2 * w + k - 2)
-            conv_out = cl_empty((batch, cout, *conv_hw), x.dtype, x.device)
+            conv_out = cl_empty(out.shape, x.dtype, x.device)
         else:
             conv_out = x.new_empty((0,))
         d = x.new_empty((batch, cout) if demodulate else (0,), dtype=torch.float32)

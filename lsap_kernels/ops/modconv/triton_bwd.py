@@ -5,8 +5,8 @@
     g_u = conv_transpose(g_z, W)         d_x = g_u·sg             d_s = g·(Σ_p g_u·x − sg·Σ_o g_d·d³·Q)
     d_W = Σ_{b,p} g_z ⋆ u − W·Σ_b g_d·d³·sg²
 
-up=2: z = FIR(T), so g_T = FIRᵀ(g_z) feeds both convolution gradients (the transposed conv's data gradient is an
-ordinary strided gather of g_T, its weight gradient a GEMM over input pixels).
+up=2: z = FIR(T) (stored by the forward), so g_T = FIRᵀ(g_z) feeds both convolution gradients (the transposed
+conv's data gradient is an ordinary strided gather of g_T, its weight gradient a GEMM over input pixels).
 
 Reductions are deterministic: each program writes fp32 partial sums for its tile, and torch sums the (small)
 partial buffers in a fixed order; no atomics. The partial buffers are sized by the pixel tile, so the kernels that
@@ -25,15 +25,15 @@ if triton is not None:
                               prune_mn, tuned)
 
     @triton.jit
-    def _epilogue_bwd_kernel(g_ptr, zt_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
+    def _epilogue_bwd_kernel(g_ptr, z_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
                              gb_part_ptr, gn_ptr, gs_part_ptr,
-                             Cout, TH, TW, HO, WO, n_m,
+                             Cout, HO, WO, n_m,
                              sgb, sgc, sgh, sgw, szb, szc, szh, szw, snb, snh, snw, sob, soc, soh, sow,
                              gain, clamp,
-                             UP: tl.constexpr, PAD0: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr,
-                             NEED_Z: tl.constexpr, STORE_GZ: tl.constexpr, WANT_GD: tl.constexpr,
-                             WANT_BIAS: tl.constexpr, WANT_NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr, NEED_Z: tl.constexpr,
+                             STORE_GZ: tl.constexpr, WANT_GD: tl.constexpr, WANT_BIAS: tl.constexpr,
+                             WANT_NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """One program: BM output pixels of sample b, every channel (so Σ_o g_a per pixel is complete here).
         Writes g_z, the per-pixel Σ_o g_a, and per-tile partials of g_d, d_bias and d_strength."""
         pid_m = tl.program_id(0)
@@ -52,12 +52,8 @@ if triton is not None:
             ga = g * gain
             z = ga  # only read when NEED_Z
             if NEED_Z:
-                if UP == 1:
-                    z = tl.load(zt_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
-                                other=0.0).to(tl.float32)
-                else:  # recompute the blur of T rather than storing z
-                    z = fir_gather(zt_ptr, b * szb, oy, ox, offs_o, mask_m, mask_o, TH, TW, szc, szh, szw, PAD0, BM,
-                                   BN)
+                z = tl.load(z_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
+                            other=0.0).to(tl.float32)
                 a = preactivation(z, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr,
                                   bias_ptr, snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
                 if LRELU:
@@ -261,7 +257,6 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
     want_noise = need_noise or need_strength
     gz_is_grad = not need_z and not demodulate and gain == 1.0  # linear, no clamp, no demod, unit gain: g_z = G
     store_gz = need_conv and not gz_is_grad
-    pad0 = fir_pad0(k)
     gz = gd = gbias = gn = gstrength = None
     if store_gz or want_gd or need_bias or want_noise:
         bm = pixel_block(ho * wo)
@@ -273,17 +268,16 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
         gn = torch.empty((batch, ho * wo), **f32) if want_noise else None
         gs_part = torch.empty((batch, n_m), **f32) if want_noise else None
         dummy = grad
-        zt = conv_out if need_z else dummy
-        th, tw = (zt.shape[-2], zt.shape[-1]) if need_z else (0, 0)
+        z = conv_out if need_z else dummy
         _epilogue_bwd_kernel[(n_m, batch)](
-            grad, zt, d if demodulate else dummy, noise if noise is not None else dummy,
+            grad, z, d if demodulate else dummy, noise if noise is not None else dummy,
             strength if strength is not None else dummy, bias if bias is not None else dummy,
             gz if store_gz else dummy, gd_part if want_gd else dummy, gb_part if need_bias else dummy,
             gn if want_noise else dummy, gs_part if want_noise else dummy,
-            cout, th, tw, ho, wo, n_m, *grad.stride(), *(zt.stride() if need_z else (0,) * 4),
+            cout, ho, wo, n_m, *grad.stride(), *(z.stride() if need_z else (0,) * 4),
             *noise_strides(noise), *(gz.stride() if store_gz else (0,) * 4), float(gain),
             0.0 if clamp is None else float(clamp),
-            UP=up, PAD0=pad0, DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, LRELU=lrelu,
+            DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, LRELU=lrelu,
             HAS_CLAMP=clamp is not None, NEED_Z=need_z, STORE_GZ=store_gz, WANT_GD=want_gd, WANT_BIAS=need_bias,
             WANT_NOISE=want_noise, BM=bm, BN=bn, num_warps=1 if INTERPRET else 4)
         gd = gd_part.sum(1) if want_gd else None
@@ -300,7 +294,8 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
             th, tw = 2 * h + k - 2, 2 * w + k - 2
             gt = cl_empty((batch, cout, th, tw), x.dtype, dev)
             grid = lambda meta: (triton.cdiv(th * tw, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
-            _fir_adjoint_kernel[grid](gz, gt, cout, ho, wo, th, tw, th * tw, *gz.stride(), *gt.stride(), PAD0=pad0)
+            _fir_adjoint_kernel[grid](gz, gt, cout, ho, wo, th, tw, th * tw, *gz.stride(), *gt.stride(),
+                                      PAD0=fir_pad0(k))
             gz = gt
         gh, gw = gz.shape[-2:]
         if need_x or need_s:
