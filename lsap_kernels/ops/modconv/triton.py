@@ -35,7 +35,7 @@ def _precision(dtype: torch.dtype, tf32: bool) -> str:
 
 
 if triton is not None:
-    from . import triton_bwd, triton_fwd
+    from . import triton_bwd, triton_fwd, triton_tuning
 
     def _on_device(x: Tensor):
         # Triton launches on the current CUDA device, not the tensors': guard for multi-GPU callers
@@ -53,6 +53,7 @@ if triton is not None:
                    noise_strength: Optional[Tensor], bias: Optional[Tensor], skip: Optional[Tensor],
                    weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float, clamp: Optional[float],
                    eps: float, tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+        triton_tuning.seed_for(x.device)
         sg, d = _scale_and_demod(weight, styles, weight_gain, demodulate, eps)
         with _on_device(x):
             out, conv_out = triton_fwd.forward(x, weight, sg, d, noise, noise_strength, bias, skip, up, demodulate,

@@ -21,8 +21,8 @@ from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_str
 if triton is not None:
     import triton.language as tl
 
-    from .triton_fwd import (INTERPRETED, activate, ew_configs, fir_gather, gemm_configs, preactivation,
-                              prune_mn, tuned)
+    from .triton_fwd import (INTERPRETED, activate, block_configs, ew_configs, fir_gather, gemm_configs,
+                              preactivation, prune_mn, tuned)
 
     @triton.jit
     def _epilogue_bwd_kernel(g_ptr, z_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
@@ -122,11 +122,11 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     # data gradient: BM is fixed by pixel_block (the d_s partials are per pixel tile); N = Cin, K = Cout·taps
-    DGRAD_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                     for bn, bk, w, s in [(64, 32, 4, 4), (128, 32, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                                          (128, 64, 8, 3), (16, 64, 4, 3)]]
+    DGRAD_CONFIGS = block_configs(("BN", "BK"), [(64, 32, 4, 4), (128, 32, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                                                 (128, 64, 8, 3), (16, 64, 4, 3)],
+                                  [(128, 64, 4, 4), (64, 64, 8, 4), (32, 32, 4, 4), (128, 128, 8, 3), (32, 128, 4, 3)])
 
-    @tuned(DGRAD_CONFIGS, key=["B", "Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
+    @tuned(DGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
            prune=prune_mn("PIXELS", "Cin"), interpret={"BN": 16, "BK": 16})
     @triton.jit
     def _dgrad_kernel(gz_ptr, w_ptr, sg_ptr, x_ptr, dx_ptr, ds_part_ptr,
@@ -178,9 +178,10 @@ if triton is not None:
 
     # weight gradient: M = Cout, N = Cin, one tap per program_id(1), K = pixels split into SPLIT fixed ranges
     WGRAD_CONFIGS = gemm_configs([(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (32, 32, 128, 4, 3),
-                                  (32, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 64, 4, 3)])
+                                  (32, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 64, 4, 3)],
+                                 [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4)])
 
-    @tuned(WGRAD_CONFIGS, key=["B", "Cin", "Cout", "H", "W", "K", "UP", "SPLIT", "PRECISION"],
+    @tuned(WGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "SPLIT", "PRECISION"],
            prune=prune_mn("Cout", "Cin"), interpret={"BM": 16, "BN": 16, "BK": 64})
     @triton.jit
     def _wgrad_kernel(gz_ptr, x_ptr, sg_ptr, part_ptr, B, Cin, Cout, H, W, GH, GW, SPLIT,

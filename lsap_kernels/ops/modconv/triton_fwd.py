@@ -36,34 +36,59 @@ if triton is not None:
     # 16-wide channel tiles so the small test channel counts still cross tile boundaries.
     INTERPRET_BLOCKS = {"BM": 64, "BN": 16, "BK": 16}
 
+    # LSAP_TRITON_AUTOTUNE: "0" one config per shape (the tests), unset at most 4, "wide" every fitting config of
+    # longer lists (bench/tune_modconv.py, whose choices triton_tuning.py commits per GPU). Read at import.
+    WIDE = os.environ.get("LSAP_TRITON_AUTOTUNE") == "wide"
+
     def tuned(configs: list, key: list[str], prune=None, interpret=INTERPRET_BLOCKS):
-        """Autotune over ``configs`` on a GPU (results cached on disk per shape key and dtypes); under the
-        interpreter the one config ``interpret`` and no benchmarking."""
+        """Autotune over ``configs`` on a GPU (results cached on disk per shape key and dtypes; known shapes come
+        from triton_tuning's table); under the interpreter the one config ``interpret`` and no benchmarking.
+        The batch size is in no key: tiles never straddle samples, so the best tile is that of the per-sample
+        problem, and a new batch size (a job's last, partial batch) does not benchmark every kernel again."""
         if INTERPRET:
             return triton.autotune(configs=[triton.Config(dict(interpret), num_warps=1)], key=[])
         return triton.autotune(configs=configs, key=key, cache_results=True,
                                prune_configs_by={"early_config_prune": prune} if prune else None)
 
-    def gemm_configs(shapes) -> list:
-        return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    def block_configs(names: tuple, shapes, wide=()) -> list:
+        """Configs from (block sizes named ``names``..., warps[, stages]) tuples; ``wide`` ones in wide mode only."""
+        def make(t):
+            n = len(names)
+            return triton.Config(dict(zip(names, t[:n])), num_warps=t[n], **({"num_stages": t[n + 1]}
+                                                                                 if len(t) > n + 1 else {}))
+        extra = [make(t) for t in wide] if WIDE else []
+        for c in extra:
+            c.wide_only = True  # marked on the object: Configs compare by value, and a wide one may equal another
+        return [make(t) for t in shapes] + extra
+
+    def gemm_configs(shapes, wide=()) -> list:
+        return block_configs(("BM", "BN", "BK"), shapes, wide)
 
     # (BM, BN, BK, warps, stages), preferred first: large tiles for the 512-channel layers, narrow ones for Cout
     # 3-128 and for the 4×4/8×8 layers (16-64 pixels per sample), where a 128-row tile would be mostly masked.
     GEMM_SHAPES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
                    (128, 32, 32, 4, 4), (64, 32, 64, 4, 3), (32, 64, 64, 4, 3), (128, 16, 32, 4, 3),
                    (64, 16, 64, 4, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3)]
+    # tried by the tuning run only: deeper K tiles and wider tiles for Hopper, more pixels for the few-channel layers
+    GEMM_WIDE = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                 (256, 32, 32, 8, 3), (128, 32, 64, 4, 3), (64, 32, 32, 2, 4)]
 
     def prune_mn(m_arg: str, n_arg: str):
         """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
         least 16), in list order, at most 4 of them — each is one more compilation per shape on first use — or only
-        the first with LSAP_TRITON_AUTOTUNE=0. None fits: the one with the smallest tiles."""
+        the first with LSAP_TRITON_AUTOTUNE=0; with =wide those 4 and every fitting wide one. None fits: the one
+        with the smallest tiles."""
         def prune(configs, nargs, **kwargs):
             m_cap = max(16, triton.next_power_of_2(nargs[m_arg]))
             n_cap = max(16, triton.next_power_of_2(nargs[n_arg]))
             kept = [c for c in configs if c.kwargs.get("BM", 0) <= m_cap and c.kwargs["BN"] <= n_cap]
             if not kept:
                 kept = [min(configs, key=lambda c: c.kwargs.get("BM", 1) * c.kwargs["BN"])]
-            return kept[:1 if os.environ.get("LSAP_TRITON_AUTOTUNE") == "0" else 4]
+            mode = os.environ.get("LSAP_TRITON_AUTOTUNE")
+            base = [c for c in kept if not getattr(c, "wide_only", False)]
+            if mode == "wide":
+                return base[:4] + [c for c in kept if getattr(c, "wide_only", False)]
+            return base[:1 if mode == "0" else 4]
         return prune
 
     # Triton 3.6's interpreter multiplies bf16 tiles as their raw uint16 bits: there, GEMM operands are upcast to
@@ -132,7 +157,7 @@ if triton is not None:
                               other=0.0).to(tl.float32)
         return v
 
-    @tuned(gemm_configs(GEMM_SHAPES), key=["B", "Cin", "Cout", "H", "W", "K", "UP", "PRECISION"],
+    @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE), key=["Cin", "Cout", "H", "W", "K", "UP", "PRECISION"],
            prune=prune_mn("PIXELS", "Cout"))
     @triton.jit
     def _modconv_fwd_kernel(x_ptr, w_ptr, sg_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
@@ -206,11 +231,12 @@ if triton is not None:
 
     # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
     EW_SHAPES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]
+    EW_WIDE = [(256, 32, 8), (64, 32, 2), (128, 128, 8), (512, 16, 8)]
 
     def ew_configs():
-        return [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in EW_SHAPES]
+        return block_configs(("BM", "BN"), EW_SHAPES, EW_WIDE)
 
-    @tuned(ew_configs(), key=["B", "Cout", "HO", "WO", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
+    @tuned(ew_configs(), key=["Cout", "HO", "WO", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
            interpret={"BM": 64, "BN": 16})
     @triton.jit
     def _fir_epilogue_kernel(t_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,

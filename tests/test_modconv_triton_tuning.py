@@ -1,0 +1,100 @@
+"""Committed Triton block configs (ops/modconv/triton_tuning.py): what an autotuner picked survives export → JSON →
+seed into a fresh autotuner, which then launches that config without benchmarking; and the pruning modes. Runs
+Triton's own Autotuner.run with its benchmark and launch replaced, so no GPU is needed."""
+import json
+
+import pytest
+import torch
+
+import lsap_kernels as L
+
+pytestmark = pytest.mark.skipif(not L.available_backends()["triton"], reason="triton is not usable here")
+
+if L.available_backends()["triton"]:
+    import triton
+    import triton.language as tl
+
+    from lsap_kernels.ops.modconv import triton_fwd, triton_tuning
+
+    @triton.jit
+    def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def autotuner(monkeypatch, timings):
+    """A fresh autotuner over two configs whose 'benchmark' returns ``timings[BLOCK]`` (None: must not be called)
+    and whose launches are recorded instead of run."""
+    tuner = triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=2, num_stages=2),
+                                     triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3)], key=["n"])(_copy_kernel)
+    tuner.cache_results = False  # the disk cache asks the GPU driver for its target
+
+    def bench(*args, config, **kwargs):
+        assert timings is not None, "benchmarked a shape the table holds"
+        return [timings[config.kwargs["BLOCK"]]] * 3
+
+    launched = []
+    monkeypatch.setattr(tuner, "_bench", bench)
+    monkeypatch.setattr(tuner.fn, "run", lambda *args, **kwargs: launched.append(kwargs))
+    return tuner, launched
+
+
+def test_tuned_configs_survive_export_and_seed(monkeypatch):
+    x, y = torch.randn(40), torch.empty(40)
+    tuned, _ = autotuner(monkeypatch, {16: 2.0, 32: 1.0})
+    tuned.run(x, y, 40, grid=(2,))
+    tuned.run(x.double(), y.double(), 7, grid=(1,))
+    table = json.loads(json.dumps(triton_tuning.export({"copy": tuned})))  # what the committed file holds
+    assert [key for key, _ in table["copy"]] == [[40, "torch.float32", "torch.float32"],
+                                                  [7, "torch.float64", "torch.float64"]]
+
+    fresh, launched = autotuner(monkeypatch, None)
+    assert triton_tuning.seed(table, {"copy": fresh, "renamed": fresh}) == 2
+    assert triton_tuning.seed(table, {"copy": fresh}) == 0  # entries already there are kept
+    fresh.run(x, y, 40, grid=(2,))
+    assert (launched[-1]["BLOCK"], launched[-1]["num_warps"], launched[-1]["num_stages"]) == (32, 4, 3)
+
+    # a shape the table lacks still autotunes
+    fresh._bench = lambda *args, config, **kwargs: [1.0 if config.kwargs["BLOCK"] == 16 else 3.0] * 3
+    fresh.run(x, y, 41, grid=(2,))
+    assert launched[-1]["BLOCK"] == 16
+
+
+@pytest.mark.parametrize("mode", ["0", "", "wide"])
+def test_pruning_modes(monkeypatch, mode):
+    """One config (tests), the first 4 fitting (default), or those and every fitting wide one (tuning run)."""
+    monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", mode)
+    monkeypatch.setattr(triton_fwd, "WIDE", True)  # as if imported in wide mode: the wide configs are built too
+    configs = triton_fwd.gemm_configs(triton_fwd.GEMM_SHAPES, triton_fwd.GEMM_WIDE)
+    n_base = len(triton_fwd.GEMM_SHAPES)
+    prune = triton_fwd.prune_mn("PIXELS", "Cout")
+    kept = prune(configs, {"PIXELS": 64 * 64, "Cout": 512})  # 512→512 at 64²: every tile fits
+    expected = {"0": configs[:1], "": configs[:4], "wide": configs[:4] + configs[n_base:]}[mode]
+    assert len(kept) == len(expected) and all(a is b for a, b in zip(kept, expected))
+    kept = prune(configs, {"PIXELS": 1024 * 1024, "Cout": 32})  # 32 channels: only tiles with BN <= 32
+    fitting = [c for c in configs if c.kwargs["BN"] <= 32]
+    base = [c for c in fitting if any(c is b for b in configs[:n_base])]
+    wide = [c for c in fitting if any(c is w for w in configs[n_base:])]
+    assert len(base) >= 4 and wide
+    expected = {"0": base[:1], "": base[:4], "wide": base[:4] + wide}[mode]
+    assert len(kept) == len(expected) and all(a is b for a, b in zip(kept, expected))
+    # 4² toRGB: no tile fits 16 pixels × 3 channels, so the smallest one
+    small = triton_fwd.prune_mn("PIXELS", "Cout")(configs, {"PIXELS": 16, "Cout": 3})
+    area = [c.kwargs["BM"] * c.kwargs["BN"] for c in configs]
+    assert small == [configs[area.index(min(area))]]
+
+
+def test_committed_table_names_real_kernels_and_blocks():
+    """Every entry of the committed table names an autotuned kernel and only its block-size parameters, so a
+    renamed kernel or block parameter cannot seed a config the kernel would reject at launch."""
+    table = triton_tuning.load_table()
+    if not table:
+        pytest.skip("no tuned table committed yet (bench/tune_modconv.py on a GPU writes one)")
+    kernels = triton_tuning.autotuned_kernels()
+    for device, entries in table.items():
+        for name, rows in entries.items():
+            assert name in kernels, (device, name)
+            params = set(kernels[name].arg_names)
+            for key, config in rows:
+                assert set(config["kwargs"]) <= params and set(config["kwargs"]) <= {"BM", "BN", "BK"}, (name, config)
+                assert config["num_warps"] in (1, 2, 4, 8, 16) and isinstance(key, list), (name, key)
