@@ -232,20 +232,53 @@ def test_strided_inputs(layout):
 
 # ---- custom op, autograd, backend registry -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_opcheck(variant):
+@pytest.mark.parametrize("variant, z_from_out", [(v, False) for v in VARIANTS] + [("3x3", True), ("3x3-up2", True)])
+def test_opcheck(variant, z_from_out):
+    """Both ops; with a clamp the forward stores z, without one (z_from_out) the backward reads the output."""
     k, skip, opts = split_variant(variant)
     t = {n: x.to(DEVICE, torch.float32).requires_grad_(True)
          for n, x in tensor_case(1, 3, 4, 4, k, opts["up"], skip=skip, seed=11).items()}
     args = (t["x"], t["weight"], t["styles"], t["noise"], t["noise_strength"], t["bias"], t.get("skip"),
             1 / math.sqrt(3 * k * k), opts.get("demodulate", True), opts["up"],
-            opts.get("activation", "lrelu") == "lrelu", math.sqrt(2), 0.8, 1e-8, False)
+            opts.get("activation", "lrelu") == "lrelu", math.sqrt(2), None if z_from_out else 0.8, 1e-8, False,
+            z_from_out)
     torch.library.opcheck(torch.ops.lsap.modulated_conv2d_triton.default, args)
     out, conv_out, d = torch.ops.lsap.modulated_conv2d_triton(*args)
+    assert (conv_out.numel() == 0) == z_from_out or variant == "torgb"
     bargs = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]],
-             conv_out, d, *args[7:], [True] * 6 + [skip])
+             out.detach() if z_from_out else conv_out, d, *args[7:], [True] * 6 + [skip])
     torch.library.opcheck(torch.ops.lsap.modulated_conv2d_backward_triton.default, bargs,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_z_recovered_from_the_output_matches_stored_z(monkeypatch):
+    """Without a clamp or skip the forward stores no z (the backward recovers it from the output); storing it
+    (RECOVER_Z off) gives the same gradients to fp32 rounding."""
+    assert modconv_triton.z_from_out(True, True, math.sqrt(2), None, None)
+    assert not modconv_triton.z_from_out(True, True, math.sqrt(2), 256.0, None)  # a clamp is not invertible
+    assert not modconv_triton.z_from_out(True, True, math.sqrt(2), None, torch.zeros(1))
+    assert not modconv_triton.z_from_out(False, False, 1.0, None, None)  # toRGB: z not needed at all
+    tensors = tensor_case(3, 5, 6, 5, 3, 2, seed=13)
+    grads = {}
+    for recover in (True, False):
+        monkeypatch.setattr(modconv_triton, "RECOVER_Z", recover)
+        leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True) for n, t in tensors.items()}
+        out = L.modulated_conv2d(**leaves, up=2, backend="triton")
+        out.backward(torch.ones_like(out))
+        grads[recover] = {n: t.grad for n, t in leaves.items()}
+    for n in grads[True]:
+        assert rel_err(grads[True][n], grads[False][n]) < 1e-5, n
+
+
+def test_changing_the_output_in_place_makes_backward_raise():
+    """Without a clamp the backward recovers z from the output it saved: an in-place change of that output must
+    make backward fail (autograd's version check), not read the changed values."""
+    leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True)
+              for n, t in tensor_case(2, 3, 4, 4, 3, 1, seed=12).items()}
+    out = L.modulated_conv2d(**leaves, backend="triton")
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_double_backward_raises():
@@ -326,7 +359,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                              **FLAGS)),
         (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=2, STORE_Z=False, PRECISION="tf32", BM=64, BN=64, BK=32, **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, BM=64, BN=64, **FLAGS)),
-        (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, STORE_GZ=True, WANT_GD=True, WANT_BIAS=True,
+        (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True, WANT_BIAS=True,
                                               WANT_NOISE=True, BM=64, BN=64,
                                               **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),
         (B._fir_adjoint_kernel, "bf16", dict(PAD0=1, BM=64, BN=64)),

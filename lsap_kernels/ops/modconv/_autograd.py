@@ -4,24 +4,29 @@ Both register a forward custom op ``(x, weight, styles, noise, noise_strength, b
 up, lrelu, gain, clamp, eps, flag) -> (out, conv_out, d)`` and a backward custom op ``(grad_out, x, weight, styles,
 noise, noise_strength, bias, conv_out, d, weight_gain, demodulate, up, lrelu, gain, clamp, eps, flag, mask)`` that
 returns the seven input gradients (x, weight, styles, noise, noise_strength, bias, skip); ``flag`` is the backend's
-own switch (cpu: bf16 convolutions; triton: TF32).
+own switch (cpu: bf16 convolutions; triton: TF32). A backend may take more scalars after ``flag`` (both ops get them).
 """
 from __future__ import annotations
 
 from .._autograd import fast_call, register_autograd
 
 
-def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str):
-    """Register both ops' derivatives; return ``apply``, the forward op with autograd for our call sites."""
+def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str, backward_reads_out=None):
+    """Register both ops' derivatives; return ``apply``, the forward op with autograd for our call sites.
+    ``backward_reads_out(args)``: whether the backward gets the output ``out`` in conv_out's place (the backend
+    recovers what it needs from it instead of storing z)."""
     backward_op = fast_call(modconv_bwd_op)
 
     def setup(ctx, inputs, output):
         x, weight, styles, noise, noise_strength, bias, skip, *args = inputs
-        _, conv_out, d = output
+        out, conv_out, d = output
         ctx.mark_non_differentiable(conv_out, d)
         # no zero-filled gradients for conv_out and d (the size of the conv output: a full extra pass per layer)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, styles, noise, noise_strength, bias, conv_out, d)
+        # saving out costs no memory (the next layer holds it as its input); an in-place change of it afterwards
+        # makes backward raise (autograd's version check), never read a changed tensor
+        saved = out if backward_reads_out is not None and backward_reads_out(args) else conv_out
+        ctx.save_for_backward(x, weight, styles, noise, noise_strength, bias, saved, d)
         ctx.args = tuple(args)
         ctx.has = (noise is not None, noise_strength is not None, bias is not None, skip is not None)
 
@@ -32,9 +37,9 @@ def register_modconv_autograd(modconv_op, modconv_bwd_op, backend: str):
         mask = [need[0], need[1], need[2], need[3] and has_noise, need[4] and has_noise and has_strength,
                 need[5] and has_bias, need[6] and has_skip]
         if grad_out is None or not any(mask):
-            return (None,) * 15
+            return (None,) * (7 + len(ctx.args))
         grads = backward_op(grad_out, x, weight, styles, noise, noise_strength, bias, conv_out, d, *ctx.args, mask)
-        return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * 8
+        return (*[g if m else None for g, m in zip(grads, mask)],) + (None,) * len(ctx.args)
 
     apply = register_autograd(modconv_op, backward, setup)
 

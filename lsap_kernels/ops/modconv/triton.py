@@ -1,9 +1,9 @@
 """Triton backend of ``modulated_conv2d``: custom ops ``lsap::modulated_conv2d_triton`` (+ ``_backward_triton``)
 with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
 
-The forward op returns (out, conv_out, d): conv_out is what the backward reads — z, the conv output before the
-epilogue (for up=2 the blurred transposed conv), empty when the backward does not need it (linear, no clamp, no
-demodulation: toRGB) — and d the fp32 demodulation coefficients. The style scale s·g, Q = Σ_taps W² and
+The forward op returns (out, conv_out, d): conv_out is z, the conv output before the epilogue (for up=2 the blurred
+transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else empty; d
+the fp32 demodulation coefficients. The style scale s·g, Q = Σ_taps W² and
 d = rsqrt((s·g)² @ Qᵀ + eps) are tiny [B, Cin]/[Cout, Cin]/[B, Cout] tensors computed with torch in fp32 (torch's
 own TF32 switch, off by default, governs that one small matmul); every full-size pass is a Triton kernel.
 
@@ -26,6 +26,9 @@ from .triton_fwd import INTERPRET, cl_empty, needs_conv_out, triton
 
 # TF32 tensor cores for fp32 calls (SPEC §5: < 5e-3 instead of < 1e-5). Read at each call.
 ALLOW_TF32: bool = os.environ.get("LSAP_TRITON_TF32", "") == "1"
+# The backward recovers z from the layer's output where it can (see z_from_out); False (LSAP_TRITON_STORE_Z=1): the
+# forward stores z. Read at each call.
+RECOVER_Z: bool = os.environ.get("LSAP_TRITON_STORE_Z", "") != "1"
 
 _GRAD_NAMES = ("x", "weight", "styles", "noise", "noise_strength", "bias", "skip")
 
@@ -52,21 +55,21 @@ if triton is not None:
     def modconv_op(x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
                    noise_strength: Optional[Tensor], bias: Optional[Tensor], skip: Optional[Tensor],
                    weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float, clamp: Optional[float],
-                   eps: float, tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   eps: float, tf32: bool, z_from_out: bool) -> tuple[Tensor, Tensor, Tensor]:
         triton_tuning.seed_for(x.device)
         sg, d = _scale_and_demod(weight, styles, weight_gain, demodulate, eps)
         with _on_device(x):
             out, conv_out = triton_fwd.forward(x, weight, sg, d, noise, noise_strength, bias, skip, up, demodulate,
-                                               lrelu, gain, clamp, _precision(x.dtype, tf32))
+                                               lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
         return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)
 
     @modconv_op.register_fake
     def _(x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
-          tf32):
+          tf32, z_from_out):
         batch, _, h, w = x.shape
         cout = weight.shape[0]
         out = cl_empty((batch, cout, h * up, w * up), x.dtype, x.device)
-        if needs_conv_out(demodulate, lrelu, clamp):
+        if needs_conv_out(demodulate, lrelu, clamp) and not z_from_out:
             conv_out = cl_empty(out.shape, x.dtype, x.device)
         else:
             conv_out = x.new_empty((0,))
@@ -77,13 +80,15 @@ if triton is not None:
     def modconv_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
                        noise_strength: Optional[Tensor], bias: Optional[Tensor], conv_out: Tensor, d: Tensor,
                        weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float,
-                       clamp: Optional[float], eps: float, tf32: bool, mask: list[bool]) -> list[Tensor]:
+                       clamp: Optional[float], eps: float, tf32: bool, z_from_out: bool,
+                       mask: list[bool]) -> list[Tensor]:
         need = dict(zip(_GRAD_NAMES, mask))
         sg = styles.float() * weight_gain
         with _on_device(x):
             dx, dw, dsg, gn, gstrength, gbias, dskip = triton_bwd.backward(
                 grad, x, weight, sg, d if demodulate else None, noise, noise_strength, bias, conv_out, up=up,
                 demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp, precision=_precision(x.dtype, tf32),
+                z_from_out=z_from_out,
                 need_x=need["x"], need_w=need["weight"], need_s=need["styles"], need_noise=need["noise"],
                 need_strength=need["noise_strength"], need_bias=need["bias"], need_skip=need["skip"])
         grads = {"x": dx, "weight": dw, "styles": None if dsg is None else dsg * weight_gain, "bias": gbias,
@@ -99,7 +104,7 @@ if triton is not None:
 
     @modconv_bwd_op.register_fake
     def _(grad, x, weight, styles, noise, noise_strength, bias, conv_out, d, weight_gain, demodulate, up, lrelu, gain,
-          clamp, eps, tf32, mask):
+          clamp, eps, tf32, z_from_out, mask):
         batch, cout, ho, wo = grad.shape
         shapes = {
             "x": lambda: cl_empty(x.shape, x.dtype, x.device),
@@ -112,7 +117,8 @@ if triton is not None:
         }
         return [shapes[n]() if want else x.new_empty((0,)) for n, want in zip(_GRAD_NAMES, mask)]
 
-    modconv = register_modconv_autograd(modconv_op, modconv_bwd_op, "triton")
+    modconv = register_modconv_autograd(modconv_op, modconv_bwd_op, "triton",
+                                        backward_reads_out=lambda args: args[-1])  # z_from_out, the last scalar
 
     def modulated_conv2d(x, weight, styles, weight_gain, demodulate, up, noise, noise_strength, bias, activation,
                          gain, clamp, eps, skip):
@@ -123,10 +129,24 @@ if triton is not None:
             noise_strength = noise_strength.to(device=x.device)  # differentiable; the kernels read it on-device
         else:
             noise_strength = torch.tensor(float(noise_strength), dtype=torch.float32, device=x.device)
+        # the GEMMs read channel-contiguous rows: Triton pipelines those loads (cp.async) but not NCHW ones (an
+        # sm_90 compile keeps the NCHW x load synchronous). Our layers' outputs are channels_last already (no copy).
+        x = x.contiguous(memory_format=torch.channels_last)
+        lrelu = activation == "lrelu"
         out, _, _ = modconv(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
-                               bool(demodulate), int(up), activation == "lrelu", float(gain),
-                               None if clamp is None else float(clamp), float(eps), bool(ALLOW_TF32))
+                               bool(demodulate), int(up), lrelu, float(gain), None if clamp is None else float(clamp),
+                               float(eps), bool(ALLOW_TF32), z_from_out(demodulate, lrelu, gain, clamp, skip))
         return out
+
+    def z_from_out(demodulate: bool, lrelu: bool, gain: float, clamp, skip) -> bool:
+        """Whether the backward recovers z from the output instead of the forward storing it: out = act(a)·gain is
+        invertible without a clamp or a skip add (and gain ≠ 0), and a = d·z + strength·noise + bias with d > 0.
+        That saves a write of the layer's output size in the forward and as much memory until the backward (out
+        itself is kept anyway, as the next layer's input). Accuracy: z then carries out's rounding, relative to a
+        rather than to d·z: in 16 bits the demodulation gradient (styles, weight) loses accuracy where the bias or
+        noise term is many times d·z (10×: about 1.5× the error; StyleGAN2's are smaller than d·z). RECOVER_Z."""
+        return (RECOVER_Z and needs_conv_out(demodulate, lrelu, clamp) and clamp is None and skip is None
+                and gain != 0)
 
     backends.register("modulated_conv2d", "triton", modulated_conv2d,
                       devices=("cuda", "cpu") if INTERPRET else ("cuda",),

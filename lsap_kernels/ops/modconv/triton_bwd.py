@@ -25,6 +25,18 @@ if triton is not None:
                               preactivation, prune_mn, tuned)
 
     @triton.jit
+    def preactivation_inverse(a, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
+                              snb, snh, snw, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """z = (a − strength·noise − bias) / d (fp32; d > 0)."""
+        z = a
+        if HAS_NOISE:
+            n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
+            z = z - tl.load(strength_ptr).to(tl.float32) * n[:, None]
+        if HAS_BIAS:
+            z = z - tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        return z / tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=1.0)[None, :]
+
+    @triton.jit
     def _epilogue_bwd_kernel(g_ptr, z_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
                              gb_part_ptr, gn_ptr, gs_part_ptr,
                              Cout, HO, WO, n_m,
@@ -32,10 +44,11 @@ if triton is not None:
                              gain, clamp,
                              DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                              LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr, NEED_Z: tl.constexpr,
-                             STORE_GZ: tl.constexpr, WANT_GD: tl.constexpr, WANT_BIAS: tl.constexpr,
-                             WANT_NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             Z_FROM_OUT: tl.constexpr, STORE_GZ: tl.constexpr, WANT_GD: tl.constexpr,
+                             WANT_BIAS: tl.constexpr, WANT_NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """One program: BM output pixels of sample b, every channel (so Σ_o g_a per pixel is complete here).
-        Writes g_z, the per-pixel Σ_o g_a, and per-tile partials of g_d, d_bias and d_strength."""
+        Writes g_z, the per-pixel Σ_o g_a, and per-tile partials of g_d, d_bias and d_strength. z_ptr: z, or with
+        Z_FROM_OUT the output out = act(a)·gain, from which a and z are recovered."""
         pid_m = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -52,10 +65,19 @@ if triton is not None:
             ga = g * gain
             z = ga  # only read when NEED_Z
             if NEED_Z:
-                z = tl.load(z_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
+                t = tl.load(z_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
                             other=0.0).to(tl.float32)
-                a = preactivation(z, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr,
-                                  bias_ptr, snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
+                if Z_FROM_OUT:  # t = out: no clamp, no skip, gain ≠ 0; leaky ReLU keeps the sign (slope 0.2)
+                    a = t / gain
+                    if LRELU:
+                        a = tl.where(t > 0, a, 5.0 * a)
+                    if WANT_GD:  # a = d·z + strength·noise + bias
+                        z = preactivation_inverse(a, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr,
+                                                  strength_ptr, bias_ptr, snb, snh, snw, HAS_NOISE, HAS_BIAS)
+                else:
+                    z = t
+                    a = preactivation(z, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr,
+                                      bias_ptr, snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
                 if LRELU:
                     ga = tl.where(a > 0, ga, 0.2 * ga)
                 if HAS_CLAMP:
@@ -243,10 +265,11 @@ def _wgrad_split(batch: int, pixels: int, tiles: int, device: torch.device) -> i
 
 def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int, demodulate: bool, lrelu: bool,
              gain: float, clamp: float | None, precision: str, need_x: bool, need_w: bool, need_s: bool,
-             need_noise: bool, need_strength: bool, need_bias: bool, need_skip: bool):
+             need_noise: bool, need_strength: bool, need_bias: bool, need_skip: bool, z_from_out: bool = False):
     """All requested input gradients as fp32-or-input-dtype tensors (None where not requested):
     (d_x, d_W, d_sg, Σ_o g_a per pixel [B, Ho·Wo] fp32, d_strength (fp32 0-dim), d_bias, d_skip).
-    d_sg is the gradient w.r.t. sg = s·g (the caller multiplies by g); the noise gradient is strength·Σ_o g_a."""
+    d_sg is the gradient w.r.t. sg = s·g (the caller multiplies by g); the noise gradient is strength·Σ_o g_a.
+    conv_out: z, or the forward's output with ``z_from_out`` (see triton.z_from_out)."""
     batch, cin, h, w = x.shape
     cout, k = weight.shape[0], weight.shape[-1]
     ho, wo = grad.shape[-2:]
@@ -279,8 +302,9 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
             *noise_strides(noise), *(gz.stride() if store_gz else (0,) * 4), float(gain),
             0.0 if clamp is None else float(clamp),
             DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, LRELU=lrelu,
-            HAS_CLAMP=clamp is not None, NEED_Z=need_z, STORE_GZ=store_gz, WANT_GD=want_gd, WANT_BIAS=need_bias,
-            WANT_NOISE=want_noise, BM=bm, BN=bn, num_warps=1 if INTERPRET else 4)
+            HAS_CLAMP=clamp is not None, NEED_Z=need_z, Z_FROM_OUT=need_z and z_from_out, STORE_GZ=store_gz,
+            WANT_GD=want_gd, WANT_BIAS=need_bias, WANT_NOISE=want_noise, BM=bm, BN=bn,
+            num_warps=1 if INTERPRET else 4)
         gd = gd_part.sum(1) if want_gd else None
         gbias = gb_part.sum((0, 1)) if need_bias else None
         gstrength = gs_part.sum() if need_strength else None

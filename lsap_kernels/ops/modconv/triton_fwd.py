@@ -289,15 +289,15 @@ def needs_conv_out(demodulate: bool, lrelu: bool, clamp: float | None) -> bool:
 
 
 def forward(x, weight, sg, d, noise, strength, bias, skip, up: int, demodulate: bool, lrelu: bool, gain: float,
-            clamp: float | None, precision: str):
+            clamp: float | None, precision: str, z_from_out: bool = False):
     """Launch the forward. Returns (out, conv_out): conv_out is z, the conv output before the epilogue (for up=2
-    the blurred transposed conv), or an empty tensor when the backward does not need it. ``d`` fp32 [B, Cout] (None
-    without demodulation)."""
+    the blurred transposed conv), or an empty tensor when the backward does not need it or recovers it from out
+    (``z_from_out``). ``d`` fp32 [B, Cout] (None without demodulation)."""
     batch, cin, h, w = x.shape
     cout, k = weight.shape[0], weight.shape[-1]
     ho, wo = h * up, w * up
     out = cl_empty((batch, cout, ho, wo), x.dtype, x.device)
-    keep = needs_conv_out(demodulate, lrelu, clamp)
+    keep = needs_conv_out(demodulate, lrelu, clamp) and not z_from_out
     if out.numel() == 0:
         return out, x.new_empty((0,))
     w_t = weight.permute(2, 3, 1, 0).contiguous()  # [k, k, Cin, Cout]: N-contiguous weight tiles
