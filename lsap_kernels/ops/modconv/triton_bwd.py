@@ -5,8 +5,9 @@
     g_u = conv_transpose(g_z, W)         d_x = g_u·sg             d_s = g·(Σ_p g_u·x − sg·Σ_o g_d·d³·Q)
     d_W = Σ_{b,p} g_z ⋆ u − W·Σ_b g_d·d³·sg²
 
-up=2: z = FIR(T) (stored by the forward), so g_T = FIRᵀ(g_z) feeds both convolution gradients (the transposed
-conv's data gradient is an ordinary strided gather of g_T, its weight gradient a GEMM over input pixels).
+z (for up=2 the blur FIR(T)) is stored by the forward, or recovered here from the layer's output (z_from_out).
+up=2: g_T = FIRᵀ(g_z) feeds both convolution gradients (the transposed conv's data gradient is an ordinary strided
+gather of g_T, its weight gradient a GEMM over input pixels).
 
 Reductions are deterministic: each program writes fp32 partial sums for its tile, and torch sums the (small)
 partial buffers in a fixed order; no atomics. The partial buffers are sized by the pixel tile, so the kernels that
@@ -292,13 +293,13 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
         gn = torch.empty((batch, ho * wo), **f32) if want_noise else None
         gs_part = torch.empty((batch, n_m), **f32) if want_noise else None
         dummy = grad
-        z = conv_out if need_z else dummy
+        z_or_out = conv_out if need_z else dummy
         _epilogue_bwd_kernel[(n_m, batch)](
-            grad, z, d if demodulate else dummy, noise if noise is not None else dummy,
+            grad, z_or_out, d if demodulate else dummy, noise if noise is not None else dummy,
             strength if strength is not None else dummy, bias if bias is not None else dummy,
             gz if store_gz else dummy, gd_part if want_gd else dummy, gb_part if need_bias else dummy,
             gn if want_noise else dummy, gs_part if want_noise else dummy,
-            cout, ho, wo, n_m, *grad.stride(), *(z.stride() if need_z else (0,) * 4),
+            cout, ho, wo, n_m, *grad.stride(), *(z_or_out.stride() if need_z else (0,) * 4),
             *noise_strides(noise), *(gz.stride() if store_gz else (0,) * 4), float(gain),
             0.0 if clamp is None else float(clamp),
             DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, LRELU=lrelu,
