@@ -230,6 +230,21 @@ def test_strided_inputs(layout):
                  TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(17, 5, 3), (3, 33, 1), (1, 1, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_prepare_weight_matches_torch(shape, dtype):
+    """The one-pass weight prep: taps-major copies (both GEMM layouts) bit-equal to torch's permute, Q = Σ_taps W²
+    in fp32; channel counts across the tile edges, k = 1, 3, 5."""
+    from lsap_kernels.ops.modconv.triton_fwd import prepare_weight
+    cout, cin, k = shape
+    weight = torch.randn(cout, cin, k, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, dtype)
+    w_io, q = prepare_weight(weight, io=True, want_q=True)
+    w_oi, none = prepare_weight(weight, io=False, want_q=False)
+    assert torch.equal(w_io, weight.permute(2, 3, 1, 0)) and torch.equal(w_oi, weight.permute(2, 3, 0, 1))
+    assert none is None and q.dtype == torch.float32
+    assert rel_err(q, weight.double().square().sum((2, 3))) < 1e-6
+
+
 # ---- custom op, autograd, backend registry -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant, z_from_out", [(v, False) for v in VARIANTS] + [("3x3", True), ("3x3-up2", True)])
@@ -359,8 +374,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                              **FLAGS)),
         (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=2, STORE_Z=False, PRECISION="tf32", BM=64, BN=64, BK=32, **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, BM=64, BN=64, **FLAGS)),
-        (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True, WANT_BIAS=True,
-                                              WANT_NOISE=True, BM=64, BN=64,
+        (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
+        (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True,
+                                              WANT_BIAS=True, WANT_NOISE=True, BM=64, BN=64,
                                               **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),
         (B._fir_adjoint_kernel, "bf16", dict(PAD0=1, BM=64, BN=64)),
         (B._skip_bwd_kernel, "fp32", dict(BM=64, BN=64)),
@@ -376,7 +392,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             if n in consts:
                 sig[n] = "constexpr"
             elif n.endswith("_ptr"):
-                fp32_buffer = n.startswith(("sg", "d_", "gd_", "gb_", "gn_", "gs_", "ds_", "part"))
+                fp32_buffer = n.startswith(("sg", "d_", "gd_", "gb_", "gn_", "gs_", "ds_", "part", "q_"))
                 sig[n] = "*fp32" if fp32_buffer else f"*{elem}"
             else:
                 sig[n] = "fp32" if n in ("gain", "clamp") else "i32"
@@ -398,7 +414,7 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert len(lines) == 9, res.stdout
+    assert len(lines) == 10, res.stdout
     gemms = [line for line in lines if line[0] in ("_modconv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")]
     assert len(gemms) == 5 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
 

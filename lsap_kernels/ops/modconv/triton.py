@@ -3,9 +3,10 @@ with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
 
 The forward op returns (out, conv_out, d): conv_out is z, the conv output before the epilogue (for up=2 the blurred
 transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else empty; d
-the fp32 demodulation coefficients. The style scale s·g, Q = Σ_taps W² and
-d = rsqrt((s·g)² @ Qᵀ + eps) are tiny [B, Cin]/[Cout, Cin]/[B, Cout] tensors computed with torch in fp32 (torch's
-own TF32 switch, off by default, governs that one small matmul); every full-size pass is a Triton kernel.
+the fp32 demodulation coefficients. Q = Σ_taps W² [Cout, Cin] comes with the GEMM's taps-major copy of W from one
+small kernel (prepare_weight); the style scale s·g and d = rsqrt((s·g)² @ Qᵀ + eps) are tiny [B, Cin]/[B, Cout]
+tensors computed with torch in fp32 (torch's own TF32 switch, off by default, governs that one small matmul); every
+full-size pass is a Triton kernel.
 
 fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
 the 16-bit inputs with fp32 accumulation. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
@@ -44,22 +45,17 @@ if triton is not None:
         # Triton launches on the current CUDA device, not the tensors': guard for multi-GPU callers
         return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
-    def _scale_and_demod(weight: Tensor, styles: Tensor, weight_gain: float, demodulate: bool, eps: float):
-        sg = styles.float() * weight_gain
-        if not demodulate:
-            return sg, None
-        q = weight.float().square().sum((2, 3))
-        return sg, torch.rsqrt(sg.square() @ q.t() + eps)
-
     @torch.library.custom_op("lsap::modulated_conv2d_triton", mutates_args=())
     def modconv_op(x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
                    noise_strength: Optional[Tensor], bias: Optional[Tensor], skip: Optional[Tensor],
                    weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float, clamp: Optional[float],
                    eps: float, tf32: bool, z_from_out: bool) -> tuple[Tensor, Tensor, Tensor]:
         triton_tuning.seed_for(x.device)
-        sg, d = _scale_and_demod(weight, styles, weight_gain, demodulate, eps)
+        sg = styles.float() * weight_gain
         with _on_device(x):
-            out, conv_out = triton_fwd.forward(x, weight, sg, d, noise, noise_strength, bias, skip, up, demodulate,
+            w_t, q = triton_fwd.prepare_weight(weight, io=True, want_q=demodulate)
+            d = torch.rsqrt(sg.square() @ q.t() + eps) if demodulate else None
+            out, conv_out = triton_fwd.forward(x, w_t, sg, d, noise, noise_strength, bias, skip, up, demodulate,
                                                lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
         return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)
 

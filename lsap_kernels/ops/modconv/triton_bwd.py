@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_strides, triton
+from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_strides, prepare_weight, triton
 
 if triton is not None:
     import triton.language as tl
@@ -329,7 +329,7 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
             n_m = triton.cdiv(h * w, bm)
             dx = cl_empty(x.shape, x.dtype, dev) if need_x else None
             ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
-            w_d = weight.permute(2, 3, 0, 1).contiguous()  # [k, k, Cout, Cin]: N-contiguous tiles
+            w_d, q = prepare_weight(weight, io=False, want_q=want_gd and need_s)  # [k, k, Cout, Cin]
             grid = lambda meta: (n_m, triton.cdiv(cin, meta["BN"]), batch)  # noqa: E731
             _dgrad_kernel[grid](gz, w_d, sg, x, dx if need_x else x, ds_part if need_s else sg,
                                 batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),
@@ -347,7 +347,6 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
     if want_gd:  # demodulation: ∂d[b,o]/∂sg[b,i] = −d³·sg·Q[o,i];  ∂d[b,o]/∂W[o,i,t] = −d³·sg²·W
         gdd3 = gd * d.pow(3)
         if need_s:
-            q = weight.float().square().sum((2, 3))
             dsg = dsg - sg * (gdd3 @ q)
         if need_w:
             dw = dw - weight.float() * (gdd3.t() @ sg.square())[:, :, None, None]

@@ -229,6 +229,24 @@ if triton is not None:
                 v += skip_upsampled(skip_ptr, b, oy, ox, offs_n, mask_m, mask_n, HO // 2, WO // 2, skb, skc, skh, skw)
             tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _weight_prep_kernel(w_ptr, wt_ptr, q_ptr, Cout, Cin, KK: tl.constexpr, IO: tl.constexpr,
+                            WANT_Q: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+        """W [Cout, Cin, KK] -> taps-major copy ([KK, Cin, Cout] with IO, else [KK, Cout, Cin]) and Q = Σ_t W²."""
+        offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
+        offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
+        mask = (offs_o < Cout)[:, None] & (offs_i < Cin)[None, :]
+        q = tl.zeros([BO, BI], dtype=tl.float32)
+        for t in tl.static_range(KK):
+            v = tl.load(w_ptr + (offs_o[:, None] * Cin + offs_i[None, :]) * KK + t, mask=mask, other=0.0)
+            q += v.to(tl.float32) * v.to(tl.float32)
+            if IO:
+                tl.store(wt_ptr + (t * Cin + offs_i[None, :]) * Cout + offs_o[:, None], v, mask=mask)
+            else:
+                tl.store(wt_ptr + (t * Cout + offs_o[:, None]) * Cin + offs_i[None, :], v, mask=mask)
+        if WANT_Q:
+            tl.store(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], q, mask=mask)
+
     # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
     EW_SHAPES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]
     EW_WIDE = [(256, 32, 8), (64, 32, 2), (128, 128, 8), (512, 16, 8)]
@@ -288,19 +306,32 @@ def needs_conv_out(demodulate: bool, lrelu: bool, clamp: float | None) -> bool:
     return demodulate or lrelu or clamp is not None
 
 
-def forward(x, weight, sg, d, noise, strength, bias, skip, up: int, demodulate: bool, lrelu: bool, gain: float,
+def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool):
+    """One pass over W [Cout, Cin, k, k]: (W taps-major, [k, k, Cin, Cout] if ``io`` else [k, k, Cout, Cin], so the
+    GEMM's weight tiles are rows of the N dimension; Q = Σ_taps W² [Cout, Cin] fp32, or None without ``want_q``).
+    One launch where torch took four or five (a cast, square, sum, permuted copy), per layer and direction."""
+    cout, cin, k, _ = weight.shape
+    weight = weight.contiguous()
+    w_taps = torch.empty((k, k, cin, cout) if io else (k, k, cout, cin), dtype=weight.dtype, device=weight.device)
+    q = torch.empty((cout, cin), dtype=torch.float32, device=weight.device) if want_q else None
+    blocks = 16 if INTERPRET else 32
+    _weight_prep_kernel[(triton.cdiv(cout, blocks), triton.cdiv(cin, blocks))](
+        weight, w_taps, w_taps if q is None else q, cout, cin, KK=k * k, IO=io, WANT_Q=want_q, BO=blocks, BI=blocks)
+    return w_taps, q
+
+
+def forward(x, w_t, sg, d, noise, strength, bias, skip, up: int, demodulate: bool, lrelu: bool, gain: float,
             clamp: float | None, precision: str, z_from_out: bool = False):
-    """Launch the forward. Returns (out, conv_out): conv_out is z, the conv output before the epilogue (for up=2
-    the blurred transposed conv), or an empty tensor when the backward does not need it or recovers it from out
-    (``z_from_out``). ``d`` fp32 [B, Cout] (None without demodulation)."""
+    """Launch the forward. ``w_t``: W as [k, k, Cin, Cout] (prepare_weight). Returns (out, conv_out): conv_out is z,
+    the conv output before the epilogue (for up=2 the blurred transposed conv), or an empty tensor when the backward
+    does not need it or recovers it from out (``z_from_out``). ``d`` fp32 [B, Cout] (None without demodulation)."""
     batch, cin, h, w = x.shape
-    cout, k = weight.shape[0], weight.shape[-1]
+    k, cout = w_t.shape[0], w_t.shape[-1]
     ho, wo = h * up, w * up
     out = cl_empty((batch, cout, ho, wo), x.dtype, x.device)
     keep = needs_conv_out(demodulate, lrelu, clamp) and not z_from_out
     if out.numel() == 0:
         return out, x.new_empty((0,))
-    w_t = weight.permute(2, 3, 1, 0).contiguous()  # [k, k, Cin, Cout]: N-contiguous weight tiles
 
     def ptr(t):  # absent optional inputs: any tensor (its flag is off, the kernel never reads it)
         return out if t is None else t
