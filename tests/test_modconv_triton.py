@@ -274,15 +274,16 @@ def test_z_recovered_from_the_output_matches_stored_z(monkeypatch):
     assert not modconv_triton.z_from_out(True, True, math.sqrt(2), None, torch.zeros(1))
     assert not modconv_triton.z_from_out(False, False, 1.0, None, None)  # toRGB: z not needed at all
     tensors = tensor_case(3, 5, 6, 5, 3, 2, seed=13)
-    grads = {}
-    for recover in (True, False):
-        monkeypatch.setattr(modconv_triton, "RECOVER_Z", recover)
-        leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True) for n, t in tensors.items()}
-        out = L.modulated_conv2d(**leaves, up=2, backend="triton")
-        out.backward(torch.ones_like(out))
-        grads[recover] = {n: t.grad for n, t in leaves.items()}
-    for n in grads[True]:
-        assert rel_err(grads[True][n], grads[False][n]) < 1e-5, n
+    for gain in (math.sqrt(2), -1.3):  # a negative gain flips the output's sign: the slope follows a's
+        grads = {}
+        for recover in (True, False):
+            monkeypatch.setattr(modconv_triton, "RECOVER_Z", recover)
+            leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(True) for n, t in tensors.items()}
+            out = L.modulated_conv2d(**leaves, up=2, gain=gain, backend="triton")
+            out.backward(torch.ones_like(out))
+            grads[recover] = {n: t.grad for n, t in leaves.items()}
+        for n in grads[True]:
+            assert rel_err(grads[True][n], grads[False][n]) < 1e-5, (gain, n)
 
 
 def test_changing_the_output_in_place_makes_backward_raise():

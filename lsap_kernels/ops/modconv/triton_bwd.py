@@ -69,9 +69,9 @@ if triton is not None:
                 t = tl.load(z_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
                             other=0.0).to(tl.float32)
                 if Z_FROM_OUT:  # t = out: no clamp, no skip, gain ≠ 0; leaky ReLU keeps the sign (slope 0.2)
-                    a = t / gain
+                    a = t / gain  # = act(a), whatever gain's sign
                     if LRELU:
-                        a = tl.where(t > 0, a, 5.0 * a)
+                        a = tl.where(a > 0, a, 5.0 * a)
                     if WANT_GD:  # a = d·z + strength·noise + bias
                         z = preactivation_inverse(a, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr,
                                                   strength_ptr, bias_ptr, snb, snh, snw, HAS_NOISE, HAS_BIAS)
