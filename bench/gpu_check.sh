@@ -4,8 +4,9 @@
 # at once and it reuses the build):
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
 #   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call, the suite (bench/suite.py)
-#   run(command="bash bench/gpu_check.sh tune", timeout_s=400)   Triton block configs per layer shape: commit
-#                                                                 $OUT/triton_tuned.json to lsap_kernels/ops/modconv/
+#   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit
+#                                   $OUT/triton_tuned.json to lsap_kernels/ops/modconv/), then a profile of the large
+#                                   layers and of one whole LSAP_O step
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
@@ -73,13 +74,15 @@ echo "bench exit $?"; grep -A12 "^## Headline" "$OUT/suite.md" 2>/dev/null; tail
 fi
 if [ "$MODE" = tune ]; then
 echo "== block-config tuning (bench/tune_modconv.py: largest layers first, resumes from the committed table)"
-timeout "${TUNE_TIMEOUT:-320}" "$PY" bench/tune_modconv.py --out "$OUT" --budget-s "${TUNE_BUDGET_S:-260}" \
+timeout "${TUNE_TIMEOUT:-260}" "$PY" bench/tune_modconv.py --out "$OUT" --budget-s "${TUNE_BUDGET_S:-200}" \
   > "$OUT/tune.log" 2>&1
 echo "tune exit $?"; tail -4 "$OUT/tune.log"; cat "$OUT/tune_modconv.md" 2>/dev/null | tail -30
 # this machine's later calls (bench) use the new table; the session commits it from $OUT
 cp "$OUT/triton_tuned.json" lsap_kernels/ops/modconv/ 2>/dev/null
-echo "== where the layers' time goes, tuned (bench/profile_layers.py)"
-timeout 50 "$PY" bench/profile_layers.py --out "$OUT" > /dev/null 2>&1; echo "profile exit $?"
+echo "== where the time goes, tuned (bench/profile_layers.py: the large layers, then one whole LSAP_O step)"
+# the step's first calls autotune every layer shape the table lacks (~90 s at 1024² without a table)
+timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_layers.py --step --out "$OUT" > /dev/null 2>&1
+echo "profile exit $?"; grep -A3 "^## One LSAP_O step" "$OUT/profile_layers.md" 2>/dev/null
 fi
 if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"
