@@ -52,10 +52,8 @@ if triton is not None:
 
     def block_configs(names: tuple, shapes, wide=()) -> list:
         """Configs from (block sizes named ``names``..., warps[, stages]) tuples; ``wide`` ones in wide mode only."""
-        def make(t):
-            n = len(names)
-            return triton.Config(dict(zip(names, t[:n])), num_warps=t[n], **({"num_stages": t[n + 1]}
-                                                                                 if len(t) > n + 1 else {}))
+        def make(t):  # Config(kwargs, num_warps[, num_stages])
+            return triton.Config(dict(zip(names, t[:len(names)])), *t[len(names):])
         extra = [make(t) for t in wide] if WIDE else []
         for c in extra:
             c.wide_only = True  # marked on the object: Configs compare by value, and a wide one may equal another
