@@ -245,6 +245,40 @@ def test_prepare_weight_matches_torch(shape, dtype):
     assert rel_err(q, weight.double().square().sum((2, 3))) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_demodulation_matches_torch(dtype):
+    """d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against float64: channel counts across the tile edges, the
+    styles a strided view read in place."""
+    from lsap_kernels.ops.modconv.triton_fwd import demodulation
+    gen = torch.Generator().manual_seed(3)
+    styles = torch.randn(3, 2 * 70, generator=gen).to(DEVICE, dtype)[:, ::2]
+    q = torch.rand(37, 70, generator=gen).to(DEVICE)
+    d = demodulation(styles, q, 0.3, 1e-8)
+    ref = torch.rsqrt((styles.double() * 0.3).square() @ q.double().t() + 1e-8)
+    assert d.dtype == torch.float32 and rel_err(d, ref) < 1e-6
+
+
+@pytest.mark.parametrize("tiles, demodulate, dtype", [(1, True, torch.float32), (40, True, torch.float32),
+                                                      (40, False, torch.float32), (100, True, torch.float32),
+                                                      (5, True, torch.bfloat16)])
+def test_style_gradient_matches_torch(tiles, demodulate, dtype):
+    """The styles' gradient from the per-tile partial sums, g·(Σ ds − sg·(Σ gd·d³) @ Q), in one launch: several
+    row chunks, more tiles than it reads directly (100: torch sums them first), partial buffers of different tile
+    counts (up=2), channel counts across the tile edges, strided styles, the result in the styles' dtype."""
+    from lsap_kernels.ops.modconv.triton_bwd import style_gradient
+    gen = torch.Generator().manual_seed(tiles)
+    batch, cin, cout, wg = 3, 70, 37, 0.3
+    ds, gd = torch.randn(batch, tiles, cin, generator=gen), torch.randn(batch, tiles + 3, cout, generator=gen)
+    d, q = torch.rand(batch, cout, generator=gen) + 0.5, torch.rand(cout, cin, generator=gen)
+    styles = torch.randn(batch, 2 * cin, generator=gen).to(DEVICE, dtype)[:, ::2]
+    out = style_gradient(ds.to(DEVICE), gd.to(DEVICE) if demodulate else None, d.to(DEVICE), q.to(DEVICE), styles, wg)
+    ref = ds.double().sum(1)
+    if demodulate:
+        ref = ref - styles.double().cpu() * wg * ((gd.double().sum(1) * d.double() ** 3) @ q.double())
+    assert out.dtype == dtype and out.shape == styles.shape
+    assert rel_err(out, ref * wg) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
 # ---- custom op, autograd, backend registry -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant, z_from_out", [(v, False) for v in VARIANTS] + [("3x3", True), ("3x3-up2", True)])
@@ -376,14 +410,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=2, STORE_Z=False, PRECISION="tf32", BM=64, BN=64, BK=32, **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, BM=64, BN=64, **FLAGS)),
         (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
+        (F._demod_kernel, "bf16", dict(BO=32, BI=64)),
         (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True,
-                                              WANT_BIAS=True, WANT_NOISE=True, BM=64, BN=64,
+                                              WANT_BIAS=True, STORE_GN=True, WANT_STRENGTH=True, BM=64, BN=64,
                                               **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),
         (B._fir_adjoint_kernel, "bf16", dict(PAD0=1, BM=64, BN=64)),
         (B._skip_bwd_kernel, "fp32", dict(BM=64, BN=64)),
         (B._dgrad_kernel, "bf16", dict(K=3, UP=2, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=128, BN=64, BK=32)),
         (B._dgrad_kernel, "fp32", dict(K=3, UP=1, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=64, BN=64, BK=32)),
         (B._wgrad_kernel, "fp16", dict(K=3, UP=1, PRECISION="ieee", BM=64, BN=64, BK=64)),
+        (B._style_grad_kernel, "bf16", dict(DEMOD=True, BR=16, BI=64, BO=32)),
     ]
     target = GPUTarget("cuda", 90, 32)
     for kernel, elem, consts in KERNELS:
@@ -393,10 +429,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             if n in consts:
                 sig[n] = "constexpr"
             elif n.endswith("_ptr"):
-                fp32_buffer = n.startswith(("sg", "d_", "gd_", "gb_", "gn_", "gs_", "ds_", "part", "q_"))
+                fp32_buffer = n.startswith(("d_", "gd_", "gb_", "gs_", "ds_", "part", "q_"))
                 sig[n] = "*fp32" if fp32_buffer else f"*{elem}"
             else:
-                sig[n] = "fp32" if n in ("gain", "clamp") else "i32"
+                sig[n] = "fp32" if n in ("gain", "clamp", "wgain", "eps") else "i32"
         compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
                                   options={"num_warps": 4, "num_stages": 3})
         assert compiled.asm["cubin"], fn.__name__
@@ -415,7 +451,7 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert len(lines) == 10, res.stdout
+    assert len(lines) == 12, res.stdout
     gemms = [line for line in lines if line[0] in ("_modconv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")]
     assert len(gemms) == 5 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
 

@@ -4,9 +4,9 @@ with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
 The forward op returns (out, conv_out, d): conv_out is z, the conv output before the epilogue (for up=2 the blurred
 transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else empty; d
 the fp32 demodulation coefficients. Q = Σ_taps W² [Cout, Cin] comes with the GEMM's taps-major copy of W from one
-small kernel (prepare_weight); the style scale s·g and d = rsqrt((s·g)² @ Qᵀ + eps) are tiny [B, Cin]/[B, Cout]
-tensors computed with torch in fp32 (torch's own TF32 switch, off by default, governs that one small matmul); every
-full-size pass is a Triton kernel.
+small kernel (prepare_weight), d = rsqrt((s·g)² @ Qᵀ + eps) from another (fp32); the kernels scale the styles by g
+as they read them, and the backward's per-tile partial sums end in one small kernel too (the styles' gradient), so
+a layer costs few launches: a small layer's time on a GPU is host time.
 
 fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
 the 16-bit inputs with fp32 accumulation. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
@@ -51,12 +51,11 @@ if triton is not None:
                    weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float, clamp: Optional[float],
                    eps: float, tf32: bool, z_from_out: bool) -> tuple[Tensor, Tensor, Tensor]:
         triton_tuning.seed_for(x.device)
-        sg = styles.float() * weight_gain
         with _on_device(x):
             w_t, q = triton_fwd.prepare_weight(weight, io=True, want_q=demodulate)
-            d = torch.rsqrt(sg.square() @ q.t() + eps) if demodulate else None
-            out, conv_out = triton_fwd.forward(x, w_t, sg, d, noise, noise_strength, bias, skip, up, demodulate,
-                                               lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
+            d = triton_fwd.demodulation(styles, q, weight_gain, eps) if demodulate else None
+            out, conv_out = triton_fwd.forward(x, w_t, styles, weight_gain, d, noise, noise_strength, bias, skip, up,
+                                               demodulate, lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
         return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)
 
     @modconv_op.register_fake
@@ -79,24 +78,15 @@ if triton is not None:
                        clamp: Optional[float], eps: float, tf32: bool, z_from_out: bool,
                        mask: list[bool]) -> list[Tensor]:
         need = dict(zip(_GRAD_NAMES, mask))
-        sg = styles.float() * weight_gain
         with _on_device(x):
-            dx, dw, dsg, gn, gstrength, gbias, dskip = triton_bwd.backward(
-                grad, x, weight, sg, d if demodulate else None, noise, noise_strength, bias, conv_out, up=up,
-                demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp, precision=_precision(x.dtype, tf32),
-                z_from_out=z_from_out,
+            grads = triton_bwd.backward(
+                grad, x, weight, styles, weight_gain, d if demodulate else None, noise, noise_strength, bias, conv_out,
+                up=up, demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp,
+                precision=_precision(x.dtype, tf32), z_from_out=z_from_out,
                 need_x=need["x"], need_w=need["weight"], need_s=need["styles"], need_noise=need["noise"],
                 need_strength=need["noise_strength"], need_bias=need["bias"], need_skip=need["skip"])
-        grads = {"x": dx, "weight": dw, "styles": None if dsg is None else dsg * weight_gain, "bias": gbias,
-                 "skip": dskip}
-        if need["noise"]:
-            gn = gn.view(grad.shape[0], 1, *grad.shape[-2:]) * noise_strength.float()
-            grads["noise"] = gn.sum(0, keepdim=True) if noise.shape[0] == 1 else gn
-        if need["noise_strength"]:
-            grads["noise_strength"] = gstrength
-        like = {"x": x, "weight": weight, "styles": styles, "noise": noise, "noise_strength": noise_strength,
-                "bias": bias, "skip": grad}
-        return [grads[n].to(like[n].dtype) if need[n] else x.new_empty((0,)) for n in _GRAD_NAMES]
+        like = (x, weight, styles, noise, noise_strength, bias, grad)
+        return [g.to(t.dtype) if need[n] else x.new_empty((0,)) for n, g, t in zip(_GRAD_NAMES, grads, like)]
 
     @modconv_bwd_op.register_fake
     def _(grad, x, weight, styles, noise, noise_strength, bias, conv_out, d, weight_gain, demodulate, up, lrelu, gain,

@@ -9,9 +9,10 @@ z (for up=2 the blur FIR(T)) is stored by the forward, or recovered here from th
 up=2: g_T = FIRᵀ(g_z) feeds both convolution gradients (the transposed conv's data gradient is an ordinary strided
 gather of g_T, its weight gradient a GEMM over input pixels).
 
-Reductions are deterministic: each program writes fp32 partial sums for its tile, and torch sums the (small)
-partial buffers in a fixed order; no atomics. The partial buffers are sized by the pixel tile, so the kernels that
-write them take BM from a shape heuristic (``pixel_block``) and autotune only the other block sizes.
+Reductions are deterministic: each program writes fp32 partial sums for its tile, summed in a fixed order by one
+small kernel (the styles' gradient, which also applies the demodulation term) or by torch; no atomics. The partial
+buffers are sized by the pixel tile, so the kernels that write them take BM from a shape heuristic
+(``pixel_block``) and autotune only the other block sizes.
 """
 from __future__ import annotations
 
@@ -46,10 +47,13 @@ if triton is not None:
                              DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                              LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr, NEED_Z: tl.constexpr,
                              Z_FROM_OUT: tl.constexpr, STORE_GZ: tl.constexpr, WANT_GD: tl.constexpr,
-                             WANT_BIAS: tl.constexpr, WANT_NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             WANT_BIAS: tl.constexpr, STORE_GN: tl.constexpr, WANT_STRENGTH: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
         """One program: BM output pixels of sample b, every channel (so Σ_o g_a per pixel is complete here).
-        Writes g_z, the per-pixel Σ_o g_a, and per-tile partials of g_d, d_bias and d_strength. z_ptr: z, or with
-        Z_FROM_OUT the output out = act(a)·gain, from which a and z are recovered."""
+        Writes g_z, the noise gradient strength·Σ_o g_a per pixel (in gn's dtype), and per-tile partials of g_d,
+        d_bias and d_strength. z_ptr: z, or with Z_FROM_OUT the output out = act(a)·gain, from which a and z are
+        recovered."""
+        WANT_NOISE: tl.constexpr = STORE_GN or WANT_STRENGTH
         pid_m = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -96,8 +100,10 @@ if triton is not None:
                 tl.store(gb_part_ptr + part_row + offs_o, tl.sum(ga, axis=0), mask=mask_o)
             if WANT_NOISE:
                 noise_acc += tl.sum(ga, axis=1)
-        if WANT_NOISE:
-            tl.store(gn_ptr + b * HO * WO + offs_m, noise_acc, mask=mask_m)
+        if STORE_GN:
+            strength = tl.load(strength_ptr).to(tl.float32)
+            tl.store(gn_ptr + b * HO * WO + offs_m, (noise_acc * strength).to(gn_ptr.dtype.element_ty), mask=mask_m)
+        if WANT_STRENGTH:
             n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
             tl.store(gs_part_ptr + b * n_m + pid_m, tl.sum(noise_acc * n, axis=0))
 
@@ -147,18 +153,20 @@ if triton is not None:
     # data gradient: BM is fixed by pixel_block (the d_s partials are per pixel tile); N = Cin, K = Cout·taps
     DGRAD_CONFIGS = block_configs(("BN", "BK"), [(64, 32, 4, 4), (128, 32, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
                                                  (128, 64, 8, 3), (16, 64, 4, 3)],
-                                  [(128, 64, 4, 4), (64, 64, 8, 4), (32, 32, 4, 4), (128, 128, 8, 3), (32, 128, 4, 3)])
+                                  [(128, 64, 4, 4), (64, 64, 8, 4), (32, 32, 4, 4), (128, 128, 8, 3), (32, 128, 4, 3),
+                                   (32, 32, 4, 1), (64, 32, 4, 1)])  # 1 stage: L1 reuse across taps (GEMM_WIDE)
 
     @tuned(DGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
            prune=prune_mn("PIXELS", "Cin"), interpret={"BN": 16, "BK": 16})
     @triton.jit
-    def _dgrad_kernel(gz_ptr, w_ptr, sg_ptr, x_ptr, dx_ptr, ds_part_ptr,
+    def _dgrad_kernel(gz_ptr, w_ptr, s_ptr, x_ptr, dx_ptr, ds_part_ptr,
                       B, Cin, Cout, H, W, GH, GW, PIXELS, n_m,
-                      sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+                      sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, ssb, ssi, wgain,
                       K: tl.constexpr, UP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DS: tl.constexpr,
                       PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """g_u = conv_transpose(g_z, W) at input pixels q (UP=1: g_z[q − kh + k//2]; UP=2: g_T[2q + kh]), then
-        d_x = g_u·sg and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cout, Cin] contiguous."""
+        d_x = g_u·sg (sg = styles·wgain) and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cout, Cin]
+        contiguous."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -190,7 +198,7 @@ if triton is not None:
             acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
         mask = mask_m[:, None] & mask_n[None, :]
         if NEED_DX:
-            sc = tl.load(sg_ptr + b * Cin + offs_n, mask=mask_n, other=0.0)
+            sc = tl.load(s_ptr + b * ssb + offs_n * ssi, mask=mask_n, other=0.0).to(tl.float32) * wgain
             tl.store(dx_ptr + b * sdb + (qy * sdh + qx * sdw)[:, None] + offs_n[None, :] * sdc,
                      (acc * sc[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DS:
@@ -207,12 +215,12 @@ if triton is not None:
     @tuned(WGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "SPLIT", "PRECISION"],
            prune=prune_mn("Cout", "Cin"), interpret={"BM": 16, "BN": 16, "BK": 64})
     @triton.jit
-    def _wgrad_kernel(gz_ptr, x_ptr, sg_ptr, part_ptr, B, Cin, Cout, H, W, GH, GW, SPLIT,
-                      sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
+    def _wgrad_kernel(gz_ptr, x_ptr, s_ptr, part_ptr, B, Cin, Cout, H, W, GH, GW, SPLIT,
+                      sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, ssb, ssi, wgain,
                       K: tl.constexpr, UP: tl.constexpr, PRECISION: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """part[split, tap, o, i] = Σ over this split's pixel chunks of g_z(tap-shifted) ⋆ (x·sg). Chunks never
-        straddle samples, so each has one scale vector."""
+        """part[split, tap, o, i] = Σ over this split's pixel chunks of g_z(tap-shifted) ⋆ (x·sg), sg =
+        styles·wgain. Chunks never straddle samples, so each has one scale vector."""
         pid, tap, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_tn = tl.cdiv(Cin, BN)
         offs_o = (pid // n_tn) * BM + tl.arange(0, BM)
@@ -239,7 +247,7 @@ if triton is not None:
                          mask=mask_o[:, None] & ok[None, :], other=0.0)
             xt = tl.load(x_ptr + b * sxb + (qy * sxh + qx * sxw)[:, None] + offs_i[None, :] * sxc,
                          mask=mask_q[:, None] & mask_i[None, :], other=0.0)
-            sc = tl.load(sg_ptr + b * Cin + offs_i, mask=mask_i, other=0.0)
+            sc = tl.load(s_ptr + b * ssb + offs_i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
             ut = (xt.to(tl.float32) * sc[None, :]).to(x_ptr.dtype.element_ty)
             gt = gt.to(x_ptr.dtype.element_ty)
             if INTERPRETED:  # see triton_fwd.INTERPRETED
@@ -247,6 +255,66 @@ if triton is not None:
             acc = tl.dot(gt, ut, acc, input_precision=PRECISION)
         tl.store(part_ptr + ((split * K * K + tap) * Cout + offs_o)[:, None] * Cin + offs_i[None, :], acc,
                  mask=mask_o[:, None] & mask_i[None, :])
+
+
+    @triton.jit
+    def _style_grad_kernel(ds_ptr, gd_ptr, d_ptr, q_ptr, s_ptr, out_ptr, n_ds, n_gd, Cin, Cout, ssb, ssi, sob, soi,
+                           wgain, DEMOD: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr):
+        """d_s[b, i] = g·(Σ_r ds[b, r, i] − sg[b, i]·Σ_o gd[b, o]·d[b, o]³·Q[o, i]), gd[b, o] = Σ_r gd_part[b, r, o],
+        sg = s·g: the per-tile partials of d_s and g_d summed and the demodulation term applied, stored in out's
+        dtype. Each sum accumulates a tile elementwise and reduces it once: a fixed order."""
+        b = tl.program_id(0).to(tl.int64)
+        offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
+        mask_i = offs_i < Cin
+        acc = tl.zeros([BR, BI], dtype=tl.float32)
+        for r0 in range(0, n_ds, BR):
+            rows = r0 + tl.arange(0, BR)
+            acc += tl.load(ds_ptr + (b * n_ds + rows)[:, None] * Cin + offs_i[None, :],
+                           mask=(rows < n_ds)[:, None] & mask_i[None, :], other=0.0)
+        dsg = tl.sum(acc, axis=0)
+        if DEMOD:
+            corr = tl.zeros([BO, BI], dtype=tl.float32)
+            for o0 in range(0, Cout, BO):
+                offs_o = o0 + tl.arange(0, BO)
+                mask_o = offs_o < Cout
+                g = tl.zeros([BR, BO], dtype=tl.float32)
+                for r0 in range(0, n_gd, BR):
+                    rows = r0 + tl.arange(0, BR)
+                    g += tl.load(gd_ptr + (b * n_gd + rows)[:, None] * Cout + offs_o[None, :],
+                                 mask=(rows < n_gd)[:, None] & mask_o[None, :], other=0.0)
+                d = tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=0.0)
+                gdd3 = tl.sum(g, axis=0) * d * d * d
+                q = tl.load(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
+                            other=0.0)
+                corr += gdd3[:, None] * q
+            sg = tl.load(s_ptr + b * ssb + offs_i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
+            dsg = dsg - sg * tl.sum(corr, axis=0)
+        tl.store(out_ptr + b * sob + offs_i * soi, (dsg * wgain).to(out_ptr.dtype.element_ty), mask=mask_i)
+
+
+# The styles' gradient kernel reads per-tile partials directly up to this many tiles per sample (the small, host-bound
+# layers); above, torch first sums them over the tiles (one wide reduction: a program per sample would be slow).
+DIRECT_PARTIAL_ROWS = 64
+
+
+def style_gradient(ds_part, gd_part, d, q, styles, weight_gain: float) -> torch.Tensor:
+    """d_styles (styles' dtype) from the per-tile partials ds_part [B, tiles, Cin] of Σ_p g_u·x and, with
+    demodulation, gd_part [B, tiles', Cout] of g_d, with d [B, Cout] and Q [Cout, Cin]: one launch (torch took nine
+    small ops) after, for many tiles, torch's sum over them."""
+    def rows(part):
+        return part if part.shape[1] <= DIRECT_PARTIAL_ROWS else part.sum(1, keepdim=True)
+
+    batch, cin = styles.shape
+    ds_part = rows(ds_part)
+    demod = gd_part is not None
+    gd_part = rows(gd_part) if demod else ds_part
+    out = torch.empty(styles.shape, dtype=styles.dtype, device=styles.device)
+    bi = 16 if INTERPRET else 64
+    _style_grad_kernel[(batch, triton.cdiv(cin, bi))](
+        ds_part, gd_part, d if demod else ds_part, q if demod else ds_part, styles, out, ds_part.shape[1],
+        gd_part.shape[1], cin, gd_part.shape[2], *styles.stride(), *out.stride(), float(weight_gain), DEMOD=demod,
+        BR=16, BI=bi, BO=16 if INTERPRET else 32)
+    return out
 
 
 def pixel_block(pixels: int) -> int:
@@ -264,57 +332,61 @@ def _wgrad_split(batch: int, pixels: int, tiles: int, device: torch.device) -> i
     return max(1, min(target // tiles, batch * triton.cdiv(pixels, 64)))
 
 
-def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int, demodulate: bool, lrelu: bool,
-             gain: float, clamp: float | None, precision: str, need_x: bool, need_w: bool, need_s: bool,
-             need_noise: bool, need_strength: bool, need_bias: bool, need_skip: bool, z_from_out: bool = False):
-    """All requested input gradients as fp32-or-input-dtype tensors (None where not requested):
-    (d_x, d_W, d_sg, Σ_o g_a per pixel [B, Ho·Wo] fp32, d_strength (fp32 0-dim), d_bias, d_skip).
-    d_sg is the gradient w.r.t. sg = s·g (the caller multiplies by g); the noise gradient is strength·Σ_o g_a.
-    conv_out: z, or the forward's output with ``z_from_out`` (see triton.z_from_out)."""
+def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bias, conv_out, *, up: int,
+             demodulate: bool, lrelu: bool, gain: float, clamp: float | None, precision: str, need_x: bool,
+             need_w: bool, need_s: bool, need_noise: bool, need_strength: bool, need_bias: bool, need_skip: bool,
+             z_from_out: bool = False):
+    """The requested input gradients (None where not requested): (d_x, d_W fp32, d_styles in styles' dtype, d_noise
+    in noise's shape and dtype, d_strength fp32 0-dim, d_bias fp32, d_skip). conv_out: z, or the forward's output
+    with ``z_from_out`` (see triton.z_from_out)."""
     batch, cin, h, w = x.shape
     cout, k = weight.shape[0], weight.shape[-1]
     ho, wo = grad.shape[-2:]
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
+    style_args = (*styles.stride(), float(weight_gain))
     need_conv = need_x or need_s or need_w
     need_z = needs_conv_out(demodulate, lrelu, clamp)
     want_gd = demodulate and (need_s or need_w)
-    want_noise = need_noise or need_strength
     gz_is_grad = not need_z and not demodulate and gain == 1.0  # linear, no clamp, no demod, unit gain: g_z = G
     store_gz = need_conv and not gz_is_grad
-    gz = gd = gbias = gn = gstrength = None
-    if store_gz or want_gd or need_bias or want_noise:
+    gz = gd_part = gbias = dnoise = gstrength = None
+    if store_gz or want_gd or need_bias or need_noise or need_strength:
         bm = pixel_block(ho * wo)
         bn = 16 if INTERPRET else min(128, max(16, triton.next_power_of_2(cout)), 4096 // bm)
         n_m = triton.cdiv(ho * wo, bm)
         gz = cl_empty(grad.shape, x.dtype, dev) if store_gz else None
         gd_part = torch.empty((batch, n_m, cout), **f32) if want_gd else None
         gb_part = torch.empty((batch, n_m, cout), **f32) if need_bias else None
-        gn = torch.empty((batch, ho * wo), **f32) if want_noise else None
-        gs_part = torch.empty((batch, n_m), **f32) if want_noise else None
+        # the noise gradient is final as the kernel stores it, unless one map is shared by the batch (summed here)
+        shared_noise = noise is not None and noise.shape[0] == 1
+        dnoise = torch.empty((batch, 1, ho, wo), **(f32 if shared_noise else dict(dtype=noise.dtype, device=dev))) \
+            if need_noise else None
+        gs_part = torch.empty((batch, n_m), **f32) if need_strength else None
         dummy = grad
         z_or_out = conv_out if need_z else dummy
         _epilogue_bwd_kernel[(n_m, batch)](
             grad, z_or_out, d if demodulate else dummy, noise if noise is not None else dummy,
             strength if strength is not None else dummy, bias if bias is not None else dummy,
             gz if store_gz else dummy, gd_part if want_gd else dummy, gb_part if need_bias else dummy,
-            gn if want_noise else dummy, gs_part if want_noise else dummy,
+            dnoise if need_noise else dummy, gs_part if need_strength else dummy,
             cout, ho, wo, n_m, *grad.stride(), *(z_or_out.stride() if need_z else (0,) * 4),
             *noise_strides(noise), *(gz.stride() if store_gz else (0,) * 4), float(gain),
             0.0 if clamp is None else float(clamp),
             DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, LRELU=lrelu,
             HAS_CLAMP=clamp is not None, NEED_Z=need_z, Z_FROM_OUT=need_z and z_from_out, STORE_GZ=store_gz,
-            WANT_GD=want_gd, WANT_BIAS=need_bias, WANT_NOISE=want_noise, BM=bm, BN=bn,
+            WANT_GD=want_gd, WANT_BIAS=need_bias, STORE_GN=need_noise, WANT_STRENGTH=need_strength, BM=bm, BN=bn,
             num_warps=1 if INTERPRET else 4)
-        gd = gd_part.sum(1) if want_gd else None
         gbias = gb_part.sum((0, 1)) if need_bias else None
         gstrength = gs_part.sum() if need_strength else None
+        if need_noise and shared_noise:
+            dnoise = dnoise.sum(0, keepdim=True).to(noise.dtype)
         if gz_is_grad:
             gz = grad
     elif need_conv:
         gz = grad
 
-    dx = dw = dsg = None
+    dx = dw = dstyles = None
     if need_conv:
         if up == 2:  # g_T = FIRᵀ(g_z) on T's grid
             th, tw = 2 * h + k - 2, 2 * w + k - 2
@@ -331,25 +403,24 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
             ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
             w_d, q = prepare_weight(weight, io=False, want_q=want_gd and need_s)  # [k, k, Cout, Cin]
             grid = lambda meta: (n_m, triton.cdiv(cin, meta["BN"]), batch)  # noqa: E731
-            _dgrad_kernel[grid](gz, w_d, sg, x, dx if need_x else x, ds_part if need_s else sg,
+            _dgrad_kernel[grid](gz, w_d, styles, x, dx if need_x else x, ds_part if need_s else x,
                                 batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),
-                                *(dx.stride() if need_x else (0,) * 4),
+                                *(dx.stride() if need_x else (0,) * 4), *style_args,
                                 K=k, UP=up, NEED_DX=need_x, NEED_DS=need_s, PRECISION=precision, BM=bm)
-            dsg = ds_part.sum(1) if need_s else None
+            if need_s:
+                dstyles = style_gradient(ds_part, gd_part if want_gd else None, d, q, styles, weight_gain)
         if need_w:
             split = _wgrad_split(batch, h * w, triton.cdiv(cout, 64) * triton.cdiv(cin, 64) * k * k, dev)
             part = torch.empty((split, k * k, cout, cin), **f32)
             grid = lambda meta: (triton.cdiv(cout, meta["BM"]) * triton.cdiv(cin, meta["BN"]),  # noqa: E731
                                  k * k, split)
-            _wgrad_kernel[grid](gz, x, sg, part, batch, cin, cout, h, w, gh, gw, split, *gz.stride(), *x.stride(),
-                                K=k, UP=up, PRECISION=precision)
+            _wgrad_kernel[grid](gz, x, styles, part, batch, cin, cout, h, w, gh, gw, split, *gz.stride(),
+                                *x.stride(), *style_args, K=k, UP=up, PRECISION=precision)
             dw = part.sum(0).view(k, k, cout, cin).permute(2, 3, 0, 1).contiguous()
-    if want_gd:  # demodulation: ∂d[b,o]/∂sg[b,i] = −d³·sg·Q[o,i];  ∂d[b,o]/∂W[o,i,t] = −d³·sg²·W
-        gdd3 = gd * d.pow(3)
-        if need_s:
-            dsg = dsg - sg * (gdd3 @ q)
-        if need_w:
-            dw = dw - weight.float() * (gdd3.t() @ sg.square())[:, :, None, None]
+            if want_gd:  # demodulation: ∂d[b,o]/∂W[o,i,t] = −d³·sg²·W
+                sg = styles.float() * weight_gain
+                gdd3 = gd_part.sum(1) * d.pow(3)
+                dw = dw - weight.float() * (gdd3.t() @ sg.square())[:, :, None, None]
 
     dskip = None
     if need_skip:
@@ -357,4 +428,4 @@ def backward(grad, x, weight, sg, d, noise, strength, bias, conv_out, *, up: int
         dskip = cl_empty((batch, cout, sh, sw), grad.dtype, dev)
         grid = lambda meta: (triton.cdiv(sh * sw, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
         _skip_bwd_kernel[grid](grad, dskip, cout, sh, sw, sh * sw, *grad.stride(), *dskip.stride())
-    return dx, dw, dsg, gn, gstrength, gbias, dskip
+    return dx, dw, dstyles, dnoise, gstrength, gbias, dskip

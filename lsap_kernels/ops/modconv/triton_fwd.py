@@ -67,9 +67,12 @@ if triton is not None:
     GEMM_SHAPES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
                    (128, 32, 32, 4, 4), (64, 32, 64, 4, 3), (32, 64, 64, 4, 3), (128, 16, 32, 4, 3),
                    (64, 16, 64, 4, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3)]
-    # tried by the tuning run only: deeper K tiles and wider tiles for Hopper, more pixels for the few-channel layers
+    # tried by the tuning run only: deeper K tiles and wider tiles for Hopper, more pixels for the few-channel layers,
+    # and unpipelined ones (1 stage) for those: an sm_90 compile shows pipelined tile loads as cp.async.cg, which
+    # bypasses L1, so each of the 9 taps re-reads its (mostly shared) rows from L2; plain loads can hit L1 instead
     GEMM_WIDE = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-                 (256, 32, 32, 8, 3), (128, 32, 64, 4, 3), (64, 32, 32, 2, 4)]
+                 (256, 32, 32, 8, 3), (128, 32, 64, 4, 3), (64, 32, 32, 2, 4), (128, 32, 32, 4, 1),
+                 (256, 32, 32, 8, 1), (128, 64, 32, 4, 1), (256, 16, 32, 4, 2), (512, 16, 32, 8, 1)]  # + toRGB
 
     def prune_mn(m_arg: str, n_arg: str):
         """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
@@ -158,16 +161,17 @@ if triton is not None:
     @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE), key=["Cin", "Cout", "H", "W", "K", "UP", "PRECISION"],
            prune=prune_mn("PIXELS", "Cout"))
     @triton.jit
-    def _modconv_fwd_kernel(x_ptr, w_ptr, sg_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
+    def _modconv_fwd_kernel(x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
                             B, Cin, Cout, H, W, HO, WO, PIXELS,
-                            sxb, sxc, sxh, sxw, snb, snh, snw, skb, skc, skh, skw, sob, soc, soh, sow,
-                            gain, clamp,
+                            sxb, sxc, sxh, sxw, ssb, ssi, snb, snh, snw, skb, skc, skh, skw, sob, soc, soh, sow,
+                            wgain, gain, clamp,
                             K: tl.constexpr, UP: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
                             HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, LRELU: tl.constexpr,
                             HAS_CLAMP: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """UP=1: out = epilogue(conv(x·sg, W)) [+ z = the conv]; UP=2: out = T, phase program_id(2) % 4 of the
-        transposed conv (HO×WO = T's size). w_ptr: W as [k, k, Cin, Cout] contiguous; sg = s·g [B, Cin] fp32."""
+        transposed conv (HO×WO = T's size). w_ptr: W as [k, k, Cin, Cout] contiguous; s_ptr: the styles [B, Cin]
+        (any dtype and strides), scaled by wgain = g in fp32 as they are loaded."""
         pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if UP == 1:
             b, py, px = pid_z, 0, 0
@@ -201,7 +205,7 @@ if triton is not None:
             ok = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             xt = tl.load(x_base + (iy * sxh + ix * sxw)[:, None] + i[None, :] * sxc, mask=ok[:, None] & mask_i[None, :],
                          other=0.0)
-            sc = tl.load(sg_ptr + b * Cin + i, mask=mask_i, other=0.0)
+            sc = tl.load(s_ptr + b * ssb + i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
             ut = (xt.to(tl.float32) * sc[None, :]).to(w_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + ((kh * K + kw) * Cin + i)[:, None] * Cout + offs_n[None, :],
                          mask=mask_i[:, None] & mask_n[None, :], other=0.0)
@@ -244,6 +248,23 @@ if triton is not None:
                 tl.store(wt_ptr + (t * Cout + offs_o[:, None]) * Cin + offs_i[None, :], v, mask=mask)
         if WANT_Q:
             tl.store(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], q, mask=mask)
+
+    @triton.jit
+    def _demod_kernel(s_ptr, q_ptr, d_ptr, Cin, Cout, ssb, ssi, wgain, eps, BO: tl.constexpr, BI: tl.constexpr):
+        """d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps) in fp32, for BO channels of sample b; the per-element
+        products accumulate in a [BO, BI] tile reduced once at the end (a fixed order: the same bits every run)."""
+        b = tl.program_id(0).to(tl.int64)
+        offs_o = tl.program_id(1) * BO + tl.arange(0, BO)
+        mask_o = offs_o < Cout
+        acc = tl.zeros([BO, BI], dtype=tl.float32)
+        for i0 in range(0, Cin, BI):
+            offs_i = i0 + tl.arange(0, BI)
+            mask_i = offs_i < Cin
+            s = tl.load(s_ptr + b * ssb + offs_i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
+            q = tl.load(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
+                        other=0.0)
+            acc += q * (s * s)[None, :]
+        tl.store(d_ptr + b * Cout + offs_o, tl.rsqrt(tl.sum(acc, axis=1) + eps), mask=mask_o)
 
     # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
     EW_SHAPES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]
@@ -318,11 +339,24 @@ def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool):
     return w_taps, q
 
 
-def forward(x, w_t, sg, d, noise, strength, bias, skip, up: int, demodulate: bool, lrelu: bool, gain: float,
-            clamp: float | None, precision: str, z_from_out: bool = False):
-    """Launch the forward. ``w_t``: W as [k, k, Cin, Cout] (prepare_weight). Returns (out, conv_out): conv_out is z,
-    the conv output before the epilogue (for up=2 the blurred transposed conv), or an empty tensor when the backward
-    does not need it or recovers it from out (``z_from_out``). ``d`` fp32 [B, Cout] (None without demodulation)."""
+def demodulation(styles: torch.Tensor, q: torch.Tensor, weight_gain: float, eps: float) -> torch.Tensor:
+    """d = rsqrt((s·g)² @ Qᵀ + eps), fp32 [B, Cout], in one launch (torch took five small ops: a cast, two
+    products, a matmul, the rsqrt)."""
+    batch, cin = styles.shape
+    cout = q.shape[0]
+    d = torch.empty((batch, cout), dtype=torch.float32, device=styles.device)
+    bo = 16 if INTERPRET else 32
+    _demod_kernel[(batch, triton.cdiv(cout, bo))](styles, q, d, cin, cout, *styles.stride(), float(weight_gain),
+                                                 float(eps), BO=bo, BI=64)
+    return d
+
+
+def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, up: int, demodulate: bool,
+            lrelu: bool, gain: float, clamp: float | None, precision: str, z_from_out: bool = False):
+    """Launch the forward. ``w_t``: W as [k, k, Cin, Cout] (prepare_weight); the kernel scales the styles by
+    ``weight_gain`` as it reads them. Returns (out, conv_out): conv_out is z, the conv output before the epilogue
+    (for up=2 the blurred transposed conv), or an empty tensor when the backward does not need it or recovers it
+    from out (``z_from_out``). ``d`` fp32 [B, Cout] (None without demodulation)."""
     batch, cin, h, w = x.shape
     k, cout = w_t.shape[0], w_t.shape[-1]
     ho, wo = h * up, w * up
@@ -338,25 +372,27 @@ def forward(x, w_t, sg, d, noise, strength, bias, skip, up: int, demodulate: boo
     epilogue_strides = (*noise_strides(noise), *strides4(skip))
     flags = dict(DEMOD=demodulate, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None,
                  LRELU=lrelu, HAS_CLAMP=clamp is not None)
-    scalars = (float(gain), 0.0 if clamp is None else float(clamp))
+    scalars = (float(weight_gain), float(gain), 0.0 if clamp is None else float(clamp))
     z = cl_empty(out.shape, x.dtype, x.device) if keep else None
     if up == 1:
         grid = lambda meta: (triton.cdiv(h * w, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
-        _modconv_fwd_kernel[grid](x, w_t, sg, *epilogue_args, out, ptr(z), batch, cin, cout, h, w, ho, wo, h * w,
-                                  *x.stride(), *epilogue_strides, *out.stride(), *scalars,
+        _modconv_fwd_kernel[grid](x, w_t, styles, *epilogue_args, out, ptr(z), batch, cin, cout, h, w, ho, wo, h * w,
+                                  *x.stride(), *styles.stride(), *epilogue_strides, *out.stride(), *scalars,
                                   K=k, UP=1, STORE_Z=keep, PRECISION=precision, **flags)
         return out, z if keep else x.new_empty((0,))
     th, tw = 2 * h + k - 2, 2 * w + k - 2
     t = cl_empty((batch, cout, th, tw), x.dtype, x.device)
     phase_pixels = ((th + 1) // 2) * ((tw + 1) // 2)  # the largest phase (even rows, even columns)
     grid = lambda meta: (triton.cdiv(phase_pixels, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch * 4)  # noqa: E731
-    _modconv_fwd_kernel[grid](x, w_t, sg, out, out, out, out, out, t, out, batch, cin, cout, h, w, th, tw,
-                              phase_pixels, *x.stride(), *(0,) * 7, *t.stride(), 1.0, 0.0,
+    _modconv_fwd_kernel[grid](x, w_t, styles, out, out, out, out, out, t, out, batch, cin, cout, h, w, th, tw,
+                              phase_pixels, *x.stride(), *styles.stride(), *(0,) * 7, *t.stride(),
+                              float(weight_gain), 1.0, 0.0,
                               K=k, UP=2, STORE_Z=False, PRECISION=precision,
                               **{n: False for n in flags})
     grid = lambda meta: (triton.cdiv(ho * wo, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
     _fir_epilogue_kernel[grid](t, *epilogue_args, out, ptr(z), batch, cout, th, tw, ho, wo, ho * wo, *t.stride(),
-                               *epilogue_strides, *out.stride(), *scalars, PAD0=fir_pad0(k), STORE_Z=keep, **flags)
+                               *epilogue_strides, *out.stride(), *scalars[1:], PAD0=fir_pad0(k), STORE_Z=keep,
+                               **flags)
     return out, z if keep else x.new_empty((0,))
 
 
