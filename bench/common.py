@@ -86,6 +86,38 @@ def time_ms(step, device: str, warmup: int = 3, repeats: int = 20, min_seconds: 
     return statistics.median(times)
 
 
+def graph_ms(step, n_sets: int, repeats: int = 5) -> float:
+    """Device milliseconds per ``step`` call with no host time in it: step(0) … step(n_sets − 1) captured once as a
+    CUDA graph (after a warm-up on a side stream, as capture requires), then the replay timed with CUDA events,
+    median of ``repeats`` replays over n_sets. What a layer costs inside a graphed step (Inverter(compile=True)),
+    and the kernels' own speed where an eager call is bound by its host time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(n_sets):
+            step(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(n_sets):
+                step(i)
+        graph.replay()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / n_sets)
+        return statistics.median(times)
+    finally:
+        del graph
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     """Measured device-memory (or RAM) copy bandwidth in bytes/s, counting read + write."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

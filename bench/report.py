@@ -6,10 +6,11 @@ from collections import defaultdict
 E2E_COLS = ["size", "precision", "batch", "provider", "ms", "host_ms", "img_steps_per_s", "TFLOP_per_s", "GB_per_s",
             "floor_ms", "bound", "fraction_of_floor", "peak_MB_per_image", "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s",
             "rel_err"]
-LAYER_COLS = ["layer", "shape", "provider", "ms", "host_ms", "TFLOP_per_s", "GB_per_s", "floor_ms", "bound",
-              "fraction_of_floor", "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s", "rel_err"]
+LAYER_COLS = ["layer", "shape", "provider", "ms", "host_ms", "graph_ms", "graph_vs_best", "TFLOP_per_s", "GB_per_s",
+              "floor_ms", "bound", "fraction_of_floor", "vs_a", "vs_b", "vs_c", "vs_ref", "compile_s", "rel_err"]
 SUM_COLS = ["precision", "batch", "direction", "provider", "layers", "ms", "floor_ms", "fraction_of_floor", "vs_a",
-            "vs_b", "vs_c", "vs_ref"]
+            "vs_b", "vs_c", "vs_ref", "graph_ms", "graph_floor_fraction", "graph_vs_best"]
+GRAPH_BASELINES = ("(a) grouped conv", "(b) input scaling")
 SNCD_COLS = ["precision", "batch", "provider", "ms", "host_ms", "GB_per_s", "floor_ms", "fraction_of_floor", "vs_a",
              "vs_c", "vs_ref", "compile_s", "rel_err"]
 BASELINE_OF = {"vs_a": ("(a) grouped conv", "(a) per-layer loop"), "vs_b": ("(b) input scaling",),
@@ -61,6 +62,18 @@ def layer_sums(rows) -> list[dict]:
             common = [k for k in ok if k in base_ok]
             if common:
                 row[col] = sum(base_ok[k] for k in common) / sum(ok[k]["ms"] for k in common)
+        graphed = {k: r["graph_ms"] for k, r in ok.items() if "graph_ms" in r}
+        if graphed and len(graphed) == len(ok):
+            row["graph_ms"] = sum(graphed.values())
+            row["graph_floor_fraction"] = row["floor_ms"] / row["graph_ms"]
+        best = {}  # per layer, the faster graphed baseline
+        for name in GRAPH_BASELINES:
+            for r in groups.get((precision, batch, direction, name), []):
+                if r["status"] == "ok" and "graph_ms" in r:
+                    best[r["layer"]] = min(best.get(r["layer"], float("inf")), r["graph_ms"])
+        both = [k for k in graphed if k in best]
+        if both and provider not in GRAPH_BASELINES:
+            row["graph_vs_best"] = sum(best[k] for k in both) / sum(graphed[k] for k in both)
         out.append(row)
     return out
 
@@ -86,9 +99,13 @@ def headline(meta, rows) -> list[str]:
     for r in layer_sums(rows):
         if (r["precision"], r["batch"], r["direction"]) == (op_prec, op_batch, op_dir) \
                 and r["provider"].startswith("ours: ") and r["provider"] != "ours: reference":
+            graphed = (f"; as CUDA graphs (device time) {r['graph_ms']:.3g} ms, "
+                       f"{100 * r['graph_floor_fraction']:.0f} % of the floors" if r.get("graph_ms") else "")
+            if r.get("graph_vs_best"):
+                graphed += f", {r['graph_vs_best']:.2f}x the faster of (a)/(b) graphed, layer by layer"
             out.append(f"- every layer ({op_dir}, batch {op_batch}, {op_prec}, summed), {r['provider']}: "
                        f"{r['ms']:.3g} ms for {r['layers']} layers, {100 * r['fraction_of_floor']:.0f} % of the "
-                       f"floors; {ratio_text(r)}")
+                       f"floors; {ratio_text(r)}{graphed}")
     return out + [""]
 
 

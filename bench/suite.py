@@ -251,8 +251,10 @@ class Suite:
         return self._compiled[key]
 
     # ---- one provider: check, time, record ------------------------------------------------------------------
-    def run(self, row: dict, step, check, out_tol: float, grad_tol: float, peak_memory: bool = False) -> None:
-        """Check ``step(0)``'s outputs (``check`` -> {name: rel. error}), then time ``step``; append ``row``."""
+    def run(self, row: dict, step, check, out_tol: float, grad_tol: float, peak_memory: bool = False,
+            graph_sets: int = 0) -> None:
+        """Check ``step(0)``'s outputs (``check`` -> {name: rel. error}), then time ``step``; append ``row``. On CUDA
+        with ``graph_sets`` (the number of input sets ``step`` rotates), also its device time as a CUDA graph."""
         print(f"[{self.elapsed():6.1f}s] {row['section']:7s} " + " ".join(
             str(row[k]) for k in ("size", "layer", "precision", "batch", "direction", "provider") if k in row),
             end="", flush=True)
@@ -298,12 +300,18 @@ class Suite:
                     step(1)
                     torch.cuda.synchronize()
                     row["peak_MB_per_image"] = (torch.cuda.max_memory_allocated() - base) / row["batch"] / 1e6
+                if graph_sets and self.device == "cuda":
+                    try:
+                        row["graph_ms"] = common.graph_ms(step, graph_sets)
+                    except Exception as e:  # the eager row stands; say why the graph column is empty
+                        row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         except torch.OutOfMemoryError:
             row["status"] = "out of memory"
         except Exception as e:  # a broken provider must not end the run
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        print(f"  {row.get('ms', float('nan')):9.3f} ms  err {row.get('rel_err', float('nan')):.1e}  {row['status']}",
-              flush=True)
+        graphed = f"  graph {row['graph_ms']:.3f} ms" if "graph_ms" in row else ""
+        print(f"  {row.get('ms', float('nan')):9.3f} ms{graphed}  err {row.get('rel_err', float('nan')):.1e}  "
+              f"{row['status']}{'  graph: ' + row['graph_error'] if 'graph_error' in row else ''}", flush=True)
         self.rows.append(row)
         if self.device == "cuda" and row["status"] != "ok":
             gc.collect()
@@ -546,8 +554,9 @@ class Suite:
                     cl_sets = cl_sets or [[channels_last(t) for t in st] for st in sets]
                 elif cl_sets is not None:
                     cl_sets = None
+                # (c) is compiled by torch.compile's default mode: no capture of it here
                 self.run(row, self.layer_step(fn, cl_sets or sets, backward), check, OUT_TOL[precision],
-                         GRAD_TOL[precision])
+                         GRAD_TOL[precision], graph_sets=0 if provider == C else len(sets))
             del sets, cl_sets
         self.free()
 
@@ -677,6 +686,11 @@ def add_ratios(rows: list[dict]) -> None:
         for col, names in VS.items():
             base = next((ok[(group_key(r), n)] for n in names if (group_key(r), n) in ok), None)
             r[col] = base / r["ms"] if base is not None and r.get("status") == "ok" else None
+    # CUDA-graph device times: against the faster of (a) and (b), measured the same way
+    graphs = {(group_key(r), r["provider"]): r["graph_ms"] for r in rows if "graph_ms" in r}
+    for r in rows:
+        best = [graphs[(group_key(r), n)] for n in (A, B) if (group_key(r), n) in graphs]
+        r["graph_vs_best"] = min(best) / r["graph_ms"] if best and "graph_ms" in r else None
 
 
 def main(argv=None):
