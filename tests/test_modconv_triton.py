@@ -107,6 +107,22 @@ def test_matches_formula(shape, variant, poisoned):
     assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's one config; on a GPU both tile kinds autotune")
+@pytest.mark.parametrize("variant", ["3x3", "3x3-up2"])
+def test_square_tiles_scale_the_activations(variant, monkeypatch, poisoned):
+    """The forward GEMM scales W's tile where BN < BM (the interpreter's 64×16 tiles: every other test) and x's tile
+    otherwise: that branch here, with 16×16 tiles and channels across them."""
+    from lsap_kernels.ops.modconv import triton_fwd
+    import triton
+    monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs",
+                        [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)])
+    k, skip, opts = split_variant(variant)
+    tensors = tensor_case(2, 20, 18, 5, k, opts["up"], skip=skip, seed=21)
+    out, grads = run(tensors, opts, torch.float32)
+    ref_out, ref_grads = run_formula(tensors, opts)
+    assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("k", [1, 5])
 def test_other_kernel_sizes_up2(k, poisoned):
     """The up path for k = 1 and 5: other T sizes, FIR pads and phase tap counts (k=1: odd phases have no taps)."""
@@ -408,6 +424,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=True, PRECISION="ieee", BM=128, BN=128, BK=32,
                                              **FLAGS)),
         (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=2, STORE_Z=False, PRECISION="tf32", BM=64, BN=64, BK=32, **FLAGS)),
+        # BN < BM: the weight tile is the scaled one
+        (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=False, PRECISION="ieee", BM=128, BN=32, BK=32,
+                                             **FLAGS)),
+        (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=1, STORE_Z=False, PRECISION="tf32", BM=128, BN=32, BK=32,
+                                             **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, BM=64, BN=64, **FLAGS)),
         (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
         (F._demod_kernel, "bf16", dict(BO=32, BI=64)),
@@ -451,9 +472,9 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert len(lines) == 12, res.stdout
+    assert len(lines) == 14, res.stdout
     gemms = [line for line in lines if line[0] in ("_modconv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")]
-    assert len(gemms) == 5 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
+    assert len(gemms) == 7 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
 
 
 # ---- real shapes on a GPU ------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Triton forward kernels of ``modulated_conv2d`` (SPEC §3) and the jit helpers the backward kernels share.
 
 Implicit GEMM per sample: M = output pixels of sample b, N = Cout, K = Cin·taps. The style scale s[b,i]·g
-multiplies the activation tile as it is loaded, so per-sample weights never exist. Tiles never straddle samples:
+multiplies the activation tile (or, for narrow output tiles, the weight tile) as it is loaded, so per-sample weights
+never exist in memory. Tiles never straddle samples:
 the scale is one vector per tile and the backward's per-sample reductions are plain tile sums.
 
 up=2 (rosinality/NVIDIA: transposed conv stride 2, then the [1,3,3,1] FIR) runs as
@@ -206,9 +207,16 @@ if triton is not None:
             xt = tl.load(x_base + (iy * sxh + ix * sxw)[:, None] + i[None, :] * sxc, mask=ok[:, None] & mask_i[None, :],
                          other=0.0)
             sc = tl.load(s_ptr + b * ssb + i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
-            ut = (xt.to(tl.float32) * sc[None, :]).to(w_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + ((kh * K + kw) * Cin + i)[:, None] * Cout + offs_n[None, :],
                          mask=mask_i[:, None] & mask_n[None, :], other=0.0)
+            # scale the smaller operand tile. W's (BN < BM, the few-channel layers): x then feeds the MMA straight
+            # from shared memory (an sm_90 compile: wgmma with both operands as smem descriptors, 78 registers
+            # instead of 122 for 128×32 tiles); else x's, and W's tile stays in shared memory
+            if BN < BM:
+                ut = xt
+                wt = (wt.to(tl.float32) * sc[:, None]).to(w_ptr.dtype.element_ty)
+            else:
+                ut = (xt.to(tl.float32) * sc[None, :]).to(w_ptr.dtype.element_ty)
             if INTERPRETED:
                 ut, wt = ut.to(tl.float32), wt.to(tl.float32)
             acc = tl.dot(ut, wt, acc, input_precision=PRECISION)
