@@ -300,7 +300,10 @@ class Suite:
                     step(1)
                     torch.cuda.synchronize()
                     row["peak_MB_per_image"] = (torch.cuda.max_memory_allocated() - base) / row["batch"] / 1e6
-                if graph_sets and self.device == "cuda":
+                # capture + replays cost about 2·sets + 6 calls: left out where that would eat the budget
+                if graph_sets and self.device == "cuda" and (2 * graph_sets + 6) * row["ms"] / 1e3 > 0.2 * self.left():
+                    row["graph_error"] = "skipped (budget)"
+                elif graph_sets and self.device == "cuda":
                     try:
                         row["graph_ms"] = common.graph_ms(step, graph_sets)
                     except Exception as e:  # the eager row stands; say why the graph column is empty

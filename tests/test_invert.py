@@ -302,6 +302,11 @@ BF16_CASES = [pytest.param("reference", None, id="reference")] + (
     if "cpu" in L.backends._registry["modulated_conv2d"] and L.available_backends()["cpu"] else [])
 
 
+# fixed per-image RNG keys: the default (a hash of each target's bits) would draw other noise initialisations, and so
+# other 30-step trajectories, whenever the targets' synthesis changes in the last bit
+IDS = ("t0", "t1", "t2")
+
+
 @pytest.mark.parametrize("backend,conv_bf16", BF16_CASES)
 def test_bf16_inversion_is_close_to_fp32_and_keeps_fp32_state(gen, backend, conv_bf16, monkeypatch):
     """precision="bf16": the modulated convolutions see bf16 activations and weights; latents, noise maps, Adam's
@@ -331,11 +336,11 @@ def test_bf16_inversion_is_close_to_fp32_and_keeps_fp32_state(gen, backend, conv
     monkeypatch.setattr(stylegan2, "modulated_conv2d", recording_conv)
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
     with L.use_backend(modulated_conv2d=backend):
-        fp32 = Inverter(g, steps=30, anchors=anchors).invert(x)
+        fp32 = Inverter(g, steps=30, anchors=anchors).invert(x, ids=IDS)
         assert conv_dtypes == {(torch.float32,) * 3}
         conv_dtypes.clear()
         inv = Inverter(g, steps=30, anchors=anchors, precision="bf16")
-        bf16 = inv.invert(x)
+        bf16 = inv.invert(x, ids=IDS)
     assert conv_dtypes == {(torch.bfloat16,) * 3}
     assert g.precision == "fp32" and inv.config()["precision"] == "bf16"  # set for the run only
     assert bf16.backends["modulated_conv2d"] == backend
@@ -349,7 +354,7 @@ def test_bf16_inversion_is_close_to_fp32_and_keeps_fp32_state(gen, backend, conv
     assert not torch.equal(bf16.latents, fp32.latents)
     # bf16 keeps ~3 significant digits. Measured here (30 steps): PSNRs within 0.03 dB of fp32, bf16-vs-fp32
     # reconstructions at 26-33 dB (fits at 11-16 dB), latents within 0.06; bounds with room for other CPUs.
-    start = Inverter(g, steps=1, anchors=anchors).invert(x).psnr
+    start = Inverter(g, steps=1, anchors=anchors).invert(x, ids=IDS).psnr
     assert (fp32.psnr > start + 3).all() and (bf16.psnr > start + 3).all()
     assert (bf16.psnr - fp32.psnr).abs().max() < 0.5, (bf16.psnr, fp32.psnr)
     assert (psnr(bf16.images, fp32.images) > fp32.psnr + 5).all()

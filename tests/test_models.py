@@ -76,6 +76,10 @@ def test_mapping_matches_rosinality():
     theirs, ours = pair()
     z = torch.randn(4, 24, dtype=torch.float64)
     assert rel_err(ours.mapping(z), theirs.style(z)) < 1e-12
+    # EqualLinear takes any leading dimensions, as rosinality's (F.linear) does
+    layer, x = ours.style[1], torch.randn(2, 3, 24, dtype=torch.float64)
+    expected = torch.nn.functional.linear(x, layer.weight * layer.scale, layer.bias * layer.lr_mul)
+    assert rel_err(layer(x), torch.nn.functional.leaky_relu(expected, 0.2) * math.sqrt(2)) < 1e-12
 
 
 def test_noise_maps_follow_rosinality_order():

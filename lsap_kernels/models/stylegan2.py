@@ -46,7 +46,11 @@ class EqualLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x):
-        out = F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+        # bias·lr_mul + scale·(x @ Wᵀ) as one addmm (its beta and alpha), not three launches (W·scale, b·lr_mul,
+        # linear): 26 of these run per synthesis and host time bounds a GPU step's small layers
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        out = torch.addmm(self.bias, flat, self.weight.t(), beta=self.lr_mul, alpha=self.scale)
+        out = out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
         return F.leaky_relu(out, 0.2) * math.sqrt(2.0) if self.activation else out
 
 
