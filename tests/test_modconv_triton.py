@@ -123,6 +123,37 @@ def test_square_tiles_scale_the_activations(variant, monkeypatch, poisoned):
     assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prescaled_activations(variant, monkeypatch, poisoned):
+    """Wide layers (Cout ≥ PRESCALE_MIN_COUT) get x·s·g from one elementwise pass and a GEMM that scales nothing:
+    that path for every variant (the threshold lowered to reach it at test sizes), and a batch-broadcast x."""
+    from lsap_kernels.ops.modconv import triton_fwd
+    monkeypatch.setattr(triton_fwd, "PRESCALE_MIN_COUT", 1)
+    k, skip, opts = split_variant(variant)
+    tensors = tensor_case(3, 20, 18, 6, k, opts["up"], skip=skip, seed=22)
+    out, grads = run(tensors, opts, torch.float32)
+    ref_out, ref_grads = run_formula(tensors, opts)
+    assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
+    x = tensors["x"][:1].to(DEVICE, torch.float32).expand(3, -1, -1, -1)  # the Generator's constant input
+    out = L.modulated_conv2d(x, *(tensors[n].to(DEVICE, torch.float32) for n in ("weight", "styles")),
+                             up=opts["up"], backend="triton")
+    ref = formula(x.cpu().double(), tensors["weight"].double(), tensors["styles"].double(), up=opts["up"])
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_prescale_reads_any_strides():
+    """prescale (u = x·s·g, channels_last) against torch for an x with padded rows (a column slice) and one with
+    batch stride 0: the op may be called directly with any layout."""
+    from lsap_kernels.ops.modconv.triton_fwd import prescale
+    gen = torch.Generator().manual_seed(5)
+    styles = torch.randn(3, 20, generator=gen).to(DEVICE)
+    padded_rows = torch.randn(3, 20, 5, 9, generator=gen)[..., 1:8]
+    for x in (padded_rows, torch.randn(1, 20, 5, 7, generator=gen).expand(3, -1, -1, -1)):
+        u = prescale(x.to(DEVICE), styles, 0.3)
+        assert u.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(u, x.double() * styles.cpu().double()[:, :, None, None] * 0.3) < 1e-6
+
+
 @pytest.mark.parametrize("k", [1, 5])
 def test_other_kernel_sizes_up2(k, poisoned):
     """The up path for k = 1 and 5: other T sizes, FIR pads and phase tap counts (k=1: odd phases have no taps)."""
@@ -421,14 +452,18 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     FLAGS = dict(DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, HAS_SKIP=True, LRELU=True, HAS_CLAMP=True)
     KERNELS = [  # (kernel, element type, constexprs): every kernel, the GEMMs in 16 bits, TF32 and true fp32
-        (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=True, PRECISION="ieee", BM=128, BN=128, BK=32,
-                                             **FLAGS)),
-        (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=2, STORE_Z=False, PRECISION="tf32", BM=64, BN=64, BK=32, **FLAGS)),
+        (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=True, PRECISION="ieee", PRESCALED=False, BM=128,
+                                             BN=128, BK=32, **FLAGS)),
+        (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=False, PRECISION="ieee", PRESCALED=True, BM=128,
+                                             BN=128, BK=32, **FLAGS)),
+        (F._prescale_kernel, "bf16", dict(BM=64, BC=64)),
+        (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=2, STORE_Z=False, PRECISION="tf32", PRESCALED=False, BM=64,
+                                             BN=64, BK=32, **FLAGS)),
         # BN < BM: the weight tile is the scaled one
-        (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=False, PRECISION="ieee", BM=128, BN=32, BK=32,
-                                             **FLAGS)),
-        (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=1, STORE_Z=False, PRECISION="tf32", BM=128, BN=32, BK=32,
-                                             **FLAGS)),
+        (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
+                                             BN=32, BK=32, **FLAGS)),
+        (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=1, STORE_Z=False, PRECISION="tf32", PRESCALED=False, BM=128,
+                                             BN=32, BK=32, **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, BM=64, BN=64, **FLAGS)),
         (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
         (F._demod_kernel, "bf16", dict(BO=32, BI=64)),
@@ -472,9 +507,9 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert len(lines) == 14, res.stdout
+    assert len(lines) == 16, res.stdout
     gemms = [line for line in lines if line[0] in ("_modconv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")]
-    assert len(gemms) == 7 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
+    assert len(gemms) == 8 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
 
 
 # ---- real shapes on a GPU ------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ if triton is not None:
                               other=0.0).to(tl.float32)
         return v
 
-    @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE), key=["Cin", "Cout", "H", "W", "K", "UP", "PRECISION"],
+    @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE), key=["Cin", "Cout", "H", "W", "K", "UP", "PRECISION", "PRESCALED"],
            prune=prune_mn("PIXELS", "Cout"))
     @triton.jit
     def _modconv_fwd_kernel(x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
@@ -169,10 +169,11 @@ if triton is not None:
                             K: tl.constexpr, UP: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
                             HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, LRELU: tl.constexpr,
                             HAS_CLAMP: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                            PRESCALED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """UP=1: out = epilogue(conv(x·sg, W)) [+ z = the conv]; UP=2: out = T, phase program_id(2) % 4 of the
         transposed conv (HO×WO = T's size). w_ptr: W as [k, k, Cin, Cout] contiguous; s_ptr: the styles [B, Cin]
-        (any dtype and strides), scaled by wgain = g in fp32 as they are loaded."""
+        (any dtype and strides), scaled by wgain = g in fp32 as they are loaded. PRESCALED: x is u = x·s·g already
+        (prescale), the loop scales nothing."""
         pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if UP == 1:
             b, py, px = pid_z, 0, 0
@@ -191,32 +192,47 @@ if triton is not None:
         x_base = x_ptr + b * sxb
         n_kc = tl.cdiv(Cin, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        row_off = my * sxh + mx * sxw  # each tap adds one scalar offset to these
+        c0, jh, jw = 0, 0, 0  # this iteration's first channel and tap (row, column among this phase's taps)
         # one flat loop over (tap, channel chunk) so the GPU pipelines across taps, not only within one
         for t in range(0, n_th * n_tw * n_kc):
-            tap = t // n_kc
-            i = (t % n_kc) * BK + offs_k
+            i = c0 + offs_k
             mask_i = i < Cin
-            jh, jw = tap // n_tw, tap % n_tw
             if UP == 1:
                 kh, kw = jh, jw
-                iy, ix = my + kh - K // 2, mx + kw - K // 2
+                dy, dx = kh - K // 2, kw - K // 2
             else:  # T[2m+py] = Σ_j u[m−j]·W[py+2j]
                 kh, kw = py + 2 * jh, px + 2 * jw
-                iy, ix = my - jh, mx - jw
+                dy, dx = -jh, -jw
+            iy, ix = my + dy, mx + dx
             ok = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            xt = tl.load(x_base + (iy * sxh + ix * sxw)[:, None] + i[None, :] * sxc, mask=ok[:, None] & mask_i[None, :],
-                         other=0.0)
-            sc = tl.load(s_ptr + b * ssb + i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
+            xt = tl.load(x_base + (row_off + (dy * sxh + dx * sxw))[:, None] + i[None, :] * sxc,
+                         mask=ok[:, None] & mask_i[None, :], other=0.0)
             wt = tl.load(w_ptr + ((kh * K + kw) * Cin + i)[:, None] * Cout + offs_n[None, :],
                          mask=mask_i[:, None] & mask_n[None, :], other=0.0)
+            # the next (tap, chunk) by scalar counters: dividing t by the runtime chunk count cost ~30 integer
+            # instructions per iteration (sm_90 SASS), as much as the tile loads' own address math
+            c0 += BK
+            wrap = c0 >= Cin
+            c0 = tl.where(wrap, 0, c0)
+            jw = tl.where(wrap, jw + 1, jw)
+            wrap = jw >= n_tw
+            jw = tl.where(wrap, 0, jw)
+            jh = tl.where(wrap, jh + 1, jh)
             # scale the smaller operand tile. W's (BN < BM, the few-channel layers): x then feeds the MMA straight
             # from shared memory (an sm_90 compile: wgmma with both operands as smem descriptors, 78 registers
-            # instead of 122 for 128×32 tiles); else x's, and W's tile stays in shared memory
-            if BN < BM:
+            # instead of 122 for 128×32 tiles); else x's, and W's tile stays in shared memory. Scaling a square
+            # tile is most of the loop's instructions (sm_90 SASS, 128×128×32: ~90 of 226, issue-bound against
+            # the MMA), hence PRESCALED for the wide layers
+            if PRESCALED:
                 ut = xt
-                wt = (wt.to(tl.float32) * sc[:, None]).to(w_ptr.dtype.element_ty)
             else:
-                ut = (xt.to(tl.float32) * sc[None, :]).to(w_ptr.dtype.element_ty)
+                sc = tl.load(s_ptr + b * ssb + i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
+                if BN < BM:
+                    ut = xt
+                    wt = (wt.to(tl.float32) * sc[:, None]).to(w_ptr.dtype.element_ty)
+                else:
+                    ut = (xt.to(tl.float32) * sc[None, :]).to(w_ptr.dtype.element_ty)
             if INTERPRETED:
                 ut, wt = ut.to(tl.float32), wt.to(tl.float32)
             acc = tl.dot(ut, wt, acc, input_precision=PRECISION)
@@ -273,6 +289,20 @@ if triton is not None:
                         other=0.0)
             acc += q * (s * s)[None, :]
         tl.store(d_ptr + b * Cout + offs_o, tl.rsqrt(tl.sum(acc, axis=1) + eps), mask=mask_o)
+
+    @triton.jit
+    def _prescale_kernel(x_ptr, s_ptr, u_ptr, Cin, W, PIXELS, sxb, sxc, sxh, sxw, ssb, ssi, wgain,
+                         BM: tl.constexpr, BC: tl.constexpr):
+        """u = x·s·g in x's dtype (fp32 product, one rounding: the GEMM's own ut), written channels_last."""
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+        b = tl.program_id(2).to(tl.int64)
+        mask = (offs_m < PIXELS)[:, None] & (offs_c < Cin)[None, :]
+        xy = (offs_m // W) * sxh + (offs_m % W) * sxw
+        v = tl.load(x_ptr + b * sxb + xy[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(s_ptr + b * ssb + offs_c * ssi, mask=offs_c < Cin, other=0.0).to(tl.float32) * wgain
+        tl.store(u_ptr + (b * PIXELS + offs_m)[:, None] * Cin + offs_c[None, :],
+                 (v * sc[None, :]).to(u_ptr.dtype.element_ty), mask=mask)
 
     # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
     EW_SHAPES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (256, 16, 4), (128, 64, 8)]
@@ -359,6 +389,23 @@ def demodulation(styles: torch.Tensor, q: torch.Tensor, weight_gain: float, eps:
     return d
 
 
+# Layers with at least this many output channels get x·s·g from one elementwise pass (2 bytes per element read and
+# written) instead of the GEMM scaling a square tile in every iteration (see _modconv_fwd_kernel): the pass costs
+# elt/(9·Cout) bytes per GEMM FLOP, ~4 % of the GEMM's time at Cout 512 and ~17 % at 128 on an H100, against the
+# ~90 of 226 instructions per iteration it saves. An estimate from sm_90 SASS, not yet measured on a GPU.
+PRESCALE_MIN_COUT = int(os.environ.get("LSAP_TRITON_PRESCALE_MIN_COUT", "256"))
+
+
+def prescale(x: torch.Tensor, styles: torch.Tensor, weight_gain: float) -> torch.Tensor:
+    """u = x·s·g [B, Cin, H, W] channels_last, in x's dtype; x may be any strides (a batch-broadcast x too)."""
+    batch, cin, h, w = x.shape
+    u = cl_empty(x.shape, x.dtype, x.device)
+    bm, bc = (64, 16) if INTERPRET else (64, 64)
+    _prescale_kernel[(triton.cdiv(h * w, bm), triton.cdiv(cin, bc), batch)](
+        x, styles, u, cin, w, h * w, *x.stride(), *styles.stride(), float(weight_gain), BM=bm, BC=bc)
+    return u
+
+
 def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, up: int, demodulate: bool,
             lrelu: bool, gain: float, clamp: float | None, precision: str, z_from_out: bool = False):
     """Launch the forward. ``w_t``: W as [k, k, Cin, Cout] (prepare_weight); the kernel scales the styles by
@@ -382,11 +429,14 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
                  LRELU=lrelu, HAS_CLAMP=clamp is not None)
     scalars = (float(weight_gain), float(gain), 0.0 if clamp is None else float(clamp))
     z = cl_empty(out.shape, x.dtype, x.device) if keep else None
+    prescaled = cout >= PRESCALE_MIN_COUT
+    if prescaled:
+        x = prescale(x, styles, weight_gain)
     if up == 1:
         grid = lambda meta: (triton.cdiv(h * w, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
         _modconv_fwd_kernel[grid](x, w_t, styles, *epilogue_args, out, ptr(z), batch, cin, cout, h, w, ho, wo, h * w,
                                   *x.stride(), *styles.stride(), *epilogue_strides, *out.stride(), *scalars,
-                                  K=k, UP=1, STORE_Z=keep, PRECISION=precision, **flags)
+                                  K=k, UP=1, STORE_Z=keep, PRECISION=precision, PRESCALED=prescaled, **flags)
         return out, z if keep else x.new_empty((0,))
     th, tw = 2 * h + k - 2, 2 * w + k - 2
     t = cl_empty((batch, cout, th, tw), x.dtype, x.device)
@@ -395,7 +445,7 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
     _modconv_fwd_kernel[grid](x, w_t, styles, out, out, out, out, out, t, out, batch, cin, cout, h, w, th, tw,
                               phase_pixels, *x.stride(), *styles.stride(), *(0,) * 7, *t.stride(),
                               float(weight_gain), 1.0, 0.0,
-                              K=k, UP=2, STORE_Z=False, PRECISION=precision,
+                              K=k, UP=2, STORE_Z=False, PRECISION=precision, PRESCALED=prescaled,
                               **{n: False for n in flags})
     grid = lambda meta: (triton.cdiv(ho * wo, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
     _fir_epilogue_kernel[grid](t, *epilogue_args, out, ptr(z), batch, cout, th, tw, ho, wo, ho * wo, *t.stride(),
