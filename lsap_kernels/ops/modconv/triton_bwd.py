@@ -178,20 +178,32 @@ if triton is not None:
         g_base = gz_ptr + b * sgb
         n_kc = tl.cdiv(Cout, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if UP == 1:  # g_z's row at tap (kh, kw): (q − (kh, kw) + k//2); the tap adds one scalar offset to these
+            gy0, gx0 = qy + K // 2, qx + K // 2
+        else:
+            gy0, gx0 = 2 * qy, 2 * qx
+        row_off = gy0 * sgh + gx0 * sgw
+        c0, kh, kw = 0, 0, 0  # scalar counters (see _modconv_fwd_kernel)
         for t in range(0, K * K * n_kc):
-            tap = t // n_kc
-            o = (t % n_kc) * BK + offs_k
+            o = c0 + offs_k
             mask_o = o < Cout
-            kh, kw = tap // K, tap % K
             if UP == 1:
-                gy, gx = qy - kh + K // 2, qx - kw + K // 2
+                dy, dx = -kh, -kw
             else:
-                gy, gx = 2 * qy + kh, 2 * qx + kw
+                dy, dx = kh, kw
+            gy, gx = gy0 + dy, gx0 + dx
             ok = mask_m & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
-            gt = tl.load(g_base + (gy * sgh + gx * sgw)[:, None] + o[None, :] * sgc, mask=ok[:, None] & mask_o[None, :],
-                         other=0.0)
+            gt = tl.load(g_base + (row_off + (dy * sgh + dx * sgw))[:, None] + o[None, :] * sgc,
+                         mask=ok[:, None] & mask_o[None, :], other=0.0)
             wt = tl.load(w_ptr + ((kh * K + kw) * Cout + o)[:, None] * Cin + offs_n[None, :],
                          mask=mask_o[:, None] & mask_n[None, :], other=0.0)
+            c0 += BK
+            wrap = c0 >= Cout
+            c0 = tl.where(wrap, 0, c0)
+            kw = tl.where(wrap, kw + 1, kw)
+            wrap = kw >= K
+            kw = tl.where(wrap, 0, kw)
+            kh = tl.where(wrap, kh + 1, kh)
             gt = gt.to(w_ptr.dtype.element_ty)
             if INTERPRETED:  # see triton_fwd.INTERPRETED
                 gt, wt = gt.to(tl.float32), wt.to(tl.float32)
