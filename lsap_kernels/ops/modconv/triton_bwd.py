@@ -183,7 +183,9 @@ if triton is not None:
         else:
             gy0, gx0 = 2 * qy, 2 * qx
         row_off = gy0 * sgh + gx0 * sgw
-        c0, kh, kw = 0, 0, 0  # scalar counters (see _modconv_fwd_kernel)
+        # scalar counters (see _modconv_fwd_kernel), inlined: a jit helper called per iteration costs the
+        # interpreter ~1 ms a call (see triton_fwd.INTERPRETED)
+        c0, kh, kw = 0, 0, 0
         for t in range(0, K * K * n_kc):
             o = c0 + offs_k
             mask_o = o < Cout
@@ -270,32 +272,33 @@ if triton is not None:
 
 
     @triton.jit
+    def partial_sum(ptr, b, n, offs, mask, C, BR: tl.constexpr, BC: tl.constexpr):
+        """Σ_r part[b, r, offs] over the n per-tile rows of part [B, n, C] (fp32): a [BR, BC] tile accumulated
+        elementwise, reduced once (a fixed order)."""
+        acc = tl.zeros([BR, BC], dtype=tl.float32)
+        for r0 in range(0, n, BR):
+            rows = r0 + tl.arange(0, BR)
+            acc += tl.load(ptr + (b * n + rows)[:, None] * C + offs[None, :], mask=(rows < n)[:, None] & mask[None, :],
+                           other=0.0)
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
     def _style_grad_kernel(ds_ptr, gd_ptr, d_ptr, q_ptr, s_ptr, out_ptr, n_ds, n_gd, Cin, Cout, ssb, ssi, sob, soi,
                            wgain, DEMOD: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr):
         """d_s[b, i] = g·(Σ_r ds[b, r, i] − sg[b, i]·Σ_o gd[b, o]·d[b, o]³·Q[o, i]), gd[b, o] = Σ_r gd_part[b, r, o],
         sg = s·g: the per-tile partials of d_s and g_d summed and the demodulation term applied, stored in out's
-        dtype. Each sum accumulates a tile elementwise and reduces it once: a fixed order."""
+        dtype."""
         b = tl.program_id(0).to(tl.int64)
         offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
         mask_i = offs_i < Cin
-        acc = tl.zeros([BR, BI], dtype=tl.float32)
-        for r0 in range(0, n_ds, BR):
-            rows = r0 + tl.arange(0, BR)
-            acc += tl.load(ds_ptr + (b * n_ds + rows)[:, None] * Cin + offs_i[None, :],
-                           mask=(rows < n_ds)[:, None] & mask_i[None, :], other=0.0)
-        dsg = tl.sum(acc, axis=0)
+        dsg = partial_sum(ds_ptr, b, n_ds, offs_i, mask_i, Cin, BR, BI)
         if DEMOD:
             corr = tl.zeros([BO, BI], dtype=tl.float32)
             for o0 in range(0, Cout, BO):
                 offs_o = o0 + tl.arange(0, BO)
                 mask_o = offs_o < Cout
-                g = tl.zeros([BR, BO], dtype=tl.float32)
-                for r0 in range(0, n_gd, BR):
-                    rows = r0 + tl.arange(0, BR)
-                    g += tl.load(gd_ptr + (b * n_gd + rows)[:, None] * Cout + offs_o[None, :],
-                                 mask=(rows < n_gd)[:, None] & mask_o[None, :], other=0.0)
                 d = tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=0.0)
-                gdd3 = tl.sum(g, axis=0) * d * d * d
+                gdd3 = partial_sum(gd_ptr, b, n_gd, offs_o, mask_o, Cout, BR, BO) * d * d * d
                 q = tl.load(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
                             other=0.0)
                 corr += gdd3[:, None] * q
