@@ -151,9 +151,10 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     # data gradient: BM is fixed by pixel_block (the d_s partials are per pixel tile); N = Cin, K = Cout·taps
+    # (32, 32) last: in the 4 autotuned for Cin <= 32 only (1024² layers: 1.75-3× faster than (32, 64) on an H200)
     DGRAD_CONFIGS = block_configs(("BN", "BK"), [(64, 32, 4, 4), (128, 32, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                                                 (128, 64, 8, 3), (16, 64, 4, 3)],
-                                  [(128, 64, 4, 4), (64, 64, 8, 4), (32, 32, 4, 4), (128, 128, 8, 3), (32, 128, 4, 3),
+                                                 (128, 64, 8, 3), (16, 64, 4, 3), (32, 32, 4, 4)],
+                                  [(128, 64, 4, 4), (64, 64, 8, 4), (128, 128, 8, 3), (32, 128, 4, 3),
                                    (32, 32, 4, 1), (64, 32, 4, 1)])  # 1 stage: L1 reuse across taps (GEMM_WIDE)
 
     @tuned(DGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
