@@ -7,6 +7,8 @@
 #   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit
 #                                   $OUT/triton_tuned.json to lsap_kernels/ops/modconv/), then a profile of the large
 #                                   layers and of one whole LSAP_O step
+#   run(command="bash bench/gpu_check.sh tables", timeout_s=450) the per-layer tables the suite's headline run leaves
+#                                   out: bf16 at batch 1 and 64, then tf32 and fp32 at 16, 1, 64 (TABLES_ARGS to change)
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
@@ -35,6 +37,11 @@ if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --i
   cp /tmp/lsap_build.log "$OUT/build.log"; tail -60 "$OUT/build.log"; exit 1
 fi
 "$PY" -c "import lsap_kernels as L; print('backends', L.available_backends())" | tee -a "$OUT/env.txt"
+# Each call gets a fresh copy of the working tree, which drops a table that an earlier call of this session wrote on
+# this machine (seen: a later process autotuned the 32-channel data gradients over the short list, 1.7-3x slower).
+TABLE_KEPT=/tmp/lsap_triton_tuned.json
+[ "$MODE" != tune ] && [ -f "$TABLE_KEPT" ] && cp "$TABLE_KEPT" lsap_kernels/ops/modconv/triton_tuned.json \
+  && echo "block configs: this session's tuned table ($TABLE_KEPT)"
 # Test phases: SIGINT at the time box (pytest then still reports what ran; a SIGTERM'd run left no output), -v so a
 # cut-short log names each test, one Triton block config per shape (LSAP_TRITON_AUTOTUNE=0: each autotuned config
 # is one more compilation, the tests are about values, and the benchmark checks every config it times), and
@@ -77,12 +84,22 @@ echo "== block-config tuning (bench/tune_modconv.py: largest layers first, resum
 timeout "${TUNE_TIMEOUT:-260}" "$PY" bench/tune_modconv.py --out "$OUT" --budget-s "${TUNE_BUDGET_S:-200}" \
   > "$OUT/tune.log" 2>&1
 echo "tune exit $?"; tail -4 "$OUT/tune.log"; cat "$OUT/tune_modconv.md" 2>/dev/null | tail -30
-# this machine's later calls (bench) use the new table; the session commits it from $OUT
-cp "$OUT/triton_tuned.json" lsap_kernels/ops/modconv/ 2>/dev/null
+# this call's profile and this machine's later calls (through $TABLE_KEPT) use the new table; the session commits it
+# from $OUT
+cp "$OUT/triton_tuned.json" lsap_kernels/ops/modconv/ 2>/dev/null && cp "$OUT/triton_tuned.json" "$TABLE_KEPT"
 echo "== where the time goes, tuned (bench/profile_layers.py: the large layers, then one whole LSAP_O step)"
 # the step's first calls autotune every layer shape the table lacks (~90 s at 1024² without a table)
 timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_layers.py --step --out "$OUT" > /dev/null 2>&1
 echo "profile exit $?"; grep -A3 "^## One LSAP_O step" "$OUT/profile_layers.md" 2>/dev/null
+fi
+if [ "$MODE" = tables ]; then
+echo "== per-layer tables (bench/suite.py --sections modconv: batches 1 and 64 in bf16, then tf32 and fp32)"
+# tf32/fp32 shapes autotune at their first call (no committed configs): several minutes of Triton compilation for
+# 26 layers, hence bf16 first. The suite writes its results after every task; the hard timeout keeps them.
+timeout "${BENCH_TIMEOUT:-380}" "$PY" bench/suite.py --out "$OUT" --budget-s "${BENCH_BUDGET_S:-330}" \
+  ${TABLES_ARGS:---sections modconv --no-compile --precisions bf16 tf32 fp32 --op-batches 1 64 16} \
+  > "$OUT/suite.log" 2>&1
+echo "tables exit $?"; grep -A8 "^## Modulated convolution layers" "$OUT/suite.md" 2>/dev/null; tail -5 "$OUT/suite.log"
 fi
 if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"
