@@ -9,6 +9,9 @@
 #                                   layers and of one whole LSAP_O step
 #   run(command="bash bench/gpu_check.sh tables", timeout_s=450) the per-layer tables the suite's headline run leaves
 #                                   out: bf16 at batch 1 and 64, then tf32 and fp32 at 16, 1, 64 (TABLES_ARGS to change)
+#   run(command="bash bench/gpu_check.sh ab", timeout_s=240)     kernel times of the large layers under each
+#                                   experiment switch (LSAP_TRITON_DGRAD_TX, LSAP_TRITON_PRESCALE_MIN_COUT; AB_SETTINGS
+#                                   adds more), to decide their defaults
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
@@ -100,6 +103,18 @@ timeout "${BENCH_TIMEOUT:-380}" "$PY" bench/suite.py --out "$OUT" --budget-s "${
   ${TABLES_ARGS:---sections modconv --no-compile --precisions bf16 tf32 fp32 --op-batches 1 64 16} \
   > "$OUT/suite.log" 2>&1
 echo "tables exit $?"; grep -A8 "^## Modulated convolution layers" "$OUT/suite.md" 2>/dev/null; tail -5 "$OUT/suite.log"
+fi
+if [ "$MODE" = ab ]; then
+echo "== A/B of the experiment switches (bench/profile_layers.py per setting, one process each)"
+# the first setting's process also autotunes the shapes the committed table lacks; the others reuse Triton's
+# on-disk autotuning cache where the kernel and key are the same
+for setting in default LSAP_TRITON_DGRAD_TX=16 LSAP_TRITON_PRESCALE_MIN_COUT=128 ${AB_SETTINGS:-}; do
+  name=${setting//=/_}; mkdir -p "$OUT/ab/$name"
+  env $([ "$setting" = default ] || echo "$setting") timeout "${AB_TIMEOUT:-70}" "$PY" bench/profile_layers.py \
+    --layers convs.14 convs.15 to_rgbs.7 convs.13 convs.12 convs.11 convs.7 --out "$OUT/ab/$name" > /dev/null 2>&1
+  echo "$setting: exit $?"
+  grep -E "^## |^- call" "$OUT/ab/$name/profile_layers.md" 2>/dev/null | paste -d" " - - | cut -c1-110
+done
 fi
 if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"

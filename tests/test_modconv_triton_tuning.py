@@ -84,6 +84,19 @@ def test_pruning_modes(monkeypatch, mode):
     assert small == [configs[area.index(min(area))]]
 
 
+def test_pruning_drops_pixel_blocks_wider_than_the_image(monkeypatch):
+    """2-D pixel tiles (TX columns) are kept where the image is at least TX wide, flat ones everywhere; the FIR
+    kernels' short list holds both kinds for the up-sampling layers' channel counts."""
+    monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", "")
+    configs = triton_fwd.ew_configs()
+    prune = triton_fwd.prune_mn("PIXELS", "Cout", "WO")
+    for cout in (32, 64, 128, 256, 512):
+        kept = prune(configs, {"PIXELS": 1024 * 1024, "Cout": cout, "WO": 1024})
+        assert {c.kwargs["TX"] > 0 for c in kept} == {True, False}, cout
+        narrow = prune(configs, {"PIXELS": 8 * 64, "Cout": cout, "WO": 8})
+        assert narrow and all(c.kwargs["TX"] <= 8 for c in narrow), cout
+
+
 def test_committed_table_names_real_kernels_and_blocks():
     """Every entry of the committed table names an autotuned kernel and only its block-size parameters, so a
     renamed kernel or block parameter cannot seed a config the kernel would reject at launch."""
@@ -96,5 +109,6 @@ def test_committed_table_names_real_kernels_and_blocks():
             assert name in kernels, (device, name)
             params = set(kernels[name].arg_names)
             for key, config in rows:
-                assert set(config["kwargs"]) <= params and set(config["kwargs"]) <= {"BM", "BN", "BK"}, (name, config)
+                assert set(config["kwargs"]) <= params and set(config["kwargs"]) <= {"BM", "BN", "BK", "TX"}, \
+                    (name, config)
                 assert config["num_warps"] in (1, 2, 4, 8, 16) and isinstance(key, list), (name, key)

@@ -16,6 +16,8 @@ buffers are sized by the pixel tile, so the kernels that write them take BM from
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_strides, prepare_weight, triton
@@ -24,7 +26,7 @@ if triton is not None:
     import triton.language as tl
 
     from .triton_fwd import (INTERPRETED, activate, block_configs, ew_configs, fir_gather, gemm_configs,
-                              preactivation, prune_mn, tuned)
+                              pixel_programs, pixel_tile, preactivation, prune_mn, tuned)
 
     @triton.jit
     def preactivation_inverse(a, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
@@ -107,34 +109,31 @@ if triton is not None:
             n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
             tl.store(gs_part_ptr + b * n_m + pid_m, tl.sum(noise_acc * n, axis=0))
 
-    @tuned(ew_configs(), key=["Cout", "GH", "GW", "TH", "TW", "PAD0"], prune=prune_mn("PIXELS", "Cout"),
+    @tuned(ew_configs(), key=["Cout", "GH", "GW", "TH", "TW", "PAD0"], prune=prune_mn("PIXELS", "Cout", "TW"),
            interpret={"BM": 64, "BN": 16})
     @triton.jit
     def _fir_adjoint_kernel(gz_ptr, gt_ptr, Cout, GH, GW, TH, TW, PIXELS, sgb, sgc, sgh, sgw, stb, stc, sth, stw,
-                            PAD0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                            PAD0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TX: tl.constexpr = 0):
         """g_T[t] = Σ_j g_z[t − j + PAD0]·f[j] = Σ_j g_z[t + j − (3 − PAD0)]·f[j] (f symmetric): the
         forward blur with the other pad, over g_z's grid."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        mask_m = offs_m < TH * TW
-        ty, tx = offs_m // TW, offs_m % TW
+        ty, tx, mask_m = pixel_tile(pid_m, TH, TW, BM, TX)
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < Cout
         v = fir_gather(gz_ptr, b * sgb, ty, tx, offs_n, mask_m, mask_n, GH, GW, sgc, sgh, sgw, 3 - PAD0, BM, BN)
         tl.store(gt_ptr + b * stb + (ty * sth + tx * stw)[:, None] + offs_n[None, :] * stc,
                  v.to(gt_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    @tuned(ew_configs(), key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout"), interpret={"BM": 64, "BN": 16})
+    @tuned(ew_configs(), key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout", "SW"),
+           interpret={"BM": 64, "BN": 16})
     @triton.jit
     def _skip_bwd_kernel(g_ptr, out_ptr, Cout, SH, SW, PIXELS, sgb, sgc, sgh, sgw, sob, soc, soh, sow,
-                         BM: tl.constexpr, BN: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, TX: tl.constexpr = 0):
         """d_skip[m] = Σ_{j=0..3} G[2m − 1 + j]·f[j] per axis: the adjoint of the skip's FIR up-sampling."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        mask_m = offs_m < SH * SW
-        my, mx = offs_m // SW, offs_m % SW
+        my, mx, mask_m = pixel_tile(pid_m, SH, SW, BM, TX)
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < Cout
         col = g_ptr + b * sgb + offs_n[None, :] * sgc
@@ -164,15 +163,14 @@ if triton is not None:
                       B, Cin, Cout, H, W, GH, GW, PIXELS, n_m,
                       sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, ssb, ssi, wgain,
                       K: tl.constexpr, UP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DS: tl.constexpr,
-                      PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      TX: tl.constexpr):
         """g_u = conv_transpose(g_z, W) at input pixels q (UP=1: g_z[q − kh + k//2]; UP=2: g_T[2q + kh]), then
         d_x = g_u·sg (sg = styles·wgain) and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cout, Cin]
         contiguous."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        mask_m = offs_m < H * W
-        qy, qx = offs_m // W, offs_m % W
+        qy, qx, mask_m = pixel_tile(pid_m, H, W, BM, TX)
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < Cin
         offs_k = tl.arange(0, BK)
@@ -339,6 +337,16 @@ def pixel_block(pixels: int) -> int:
     return min(64 if INTERPRET else 128, max(16, triton.next_power_of_2(pixels)))
 
 
+# The data gradient's pixel tiles as blocks DGRAD_TX wide where the image is at least that wide and the tile holds
+# 2 rows of it (pixel_tile; 0: flat). Chosen on the host with BM, since the partials' count depends on it: not
+# autotuned. Not yet timed on a GPU, hence off by default (the A/B: bench/gpu_check.sh ab).
+DGRAD_TX = int(os.environ.get("LSAP_TRITON_DGRAD_TX", "0"))
+
+
+def dgrad_tile_width(bm: int, w: int) -> int:
+    return DGRAD_TX if 0 < DGRAD_TX <= min(w, bm // 2) else 0
+
+
 def _wgrad_split(batch: int, pixels: int, tiles: int, device: torch.device) -> int:
     """How many pixel ranges the weight gradient is split into: enough programs to fill the GPU (4 per SM),
     at most one range per 64 pixels. A function of shape and device only, so results are reproducible."""
@@ -407,14 +415,15 @@ def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bi
         if up == 2:  # g_T = FIRᵀ(g_z) on T's grid
             th, tw = 2 * h + k - 2, 2 * w + k - 2
             gt = cl_empty((batch, cout, th, tw), x.dtype, dev)
-            grid = lambda meta: (triton.cdiv(th * tw, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+            grid = lambda meta: (pixel_programs(th, tw, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
             _fir_adjoint_kernel[grid](gz, gt, cout, ho, wo, th, tw, th * tw, *gz.stride(), *gt.stride(),
                                       PAD0=fir_pad0(k))
             gz = gt
         gh, gw = gz.shape[-2:]
         if need_x or need_s:
             bm = pixel_block(h * w)
-            n_m = triton.cdiv(h * w, bm)
+            tx = dgrad_tile_width(bm, w)
+            n_m = pixel_programs(h, w, {"BM": bm, "TX": tx})
             dx = cl_empty(x.shape, x.dtype, dev) if need_x else None
             ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
             w_d, q = prepare_weight(weight, io=False, want_q=want_gd and need_s)  # [k, k, Cout, Cin]
@@ -422,7 +431,7 @@ def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bi
             _dgrad_kernel[grid](gz, w_d, styles, x, dx if need_x else x, ds_part if need_s else x,
                                 batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),
                                 *(dx.stride() if need_x else (0,) * 4), *style_args,
-                                K=k, UP=up, NEED_DX=need_x, NEED_DS=need_s, PRECISION=precision, BM=bm)
+                                K=k, UP=up, NEED_DX=need_x, NEED_DS=need_s, PRECISION=precision, BM=bm, TX=tx)
             if need_s:
                 dstyles = style_gradient(ds_part, gd_part if want_gd else None, d, q, styles, weight_gain)
         if need_w:
@@ -442,6 +451,6 @@ def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bi
     if need_skip:
         sh, sw = ho // 2, wo // 2
         dskip = cl_empty((batch, cout, sh, sw), grad.dtype, dev)
-        grid = lambda meta: (triton.cdiv(sh * sw, meta["BM"]), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+        grid = lambda meta: (pixel_programs(sh, sw, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
         _skip_bwd_kernel[grid](grad, dskip, cout, sh, sw, sh * sw, *grad.stride(), *dskip.stride())
     return dx, dw, dstyles, dnoise, gstrength, gbias, dskip
