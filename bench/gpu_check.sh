@@ -84,8 +84,9 @@ echo "bench exit $?"; grep -A12 "^## Headline" "$OUT/suite.md" 2>/dev/null; tail
 fi
 if [ "$MODE" = tune ]; then
 echo "== block-config tuning (bench/tune_modconv.py: largest layers first, resumes from the committed table)"
+# TUNE_ARGS: e.g. "--retune --layers convs.15 convs.13" to time the configs added since the committed table
 timeout "${TUNE_TIMEOUT:-260}" "$PY" bench/tune_modconv.py --out "$OUT" --budget-s "${TUNE_BUDGET_S:-200}" \
-  > "$OUT/tune.log" 2>&1
+  ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
 echo "tune exit $?"; tail -4 "$OUT/tune.log"; cat "$OUT/tune_modconv.md" 2>/dev/null | tail -30
 # this call's profile and this machine's later calls (through $TABLE_KEPT) use the new table; the session commits it
 # from $OUT

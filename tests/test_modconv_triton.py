@@ -107,15 +107,18 @@ def test_matches_formula(shape, variant, poisoned):
     assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's one config; on a GPU both tile kinds autotune")
+def one_config(**blocks) -> list:
+    """A kernel's config list pinned to these block sizes (a single config: no benchmarking, on a GPU too)."""
+    import triton
+    return [triton.Config(blocks, num_warps=1 if DEVICE == "cpu" else 4)]
+
+
 @pytest.mark.parametrize("variant", ["3x3", "3x3-up2"])
 def test_square_tiles_scale_the_activations(variant, monkeypatch, poisoned):
     """The forward GEMM scales W's tile where BN < BM (the interpreter's 64×16 tiles: every other test) and x's tile
     otherwise: that branch here, with 16×16 tiles and channels across them."""
     from lsap_kernels.ops.modconv import triton_fwd
-    import triton
-    monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs",
-                        [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)])
+    monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs", one_config(BM=16, BN=16, BK=16))
     k, skip, opts = split_variant(variant)
     tensors = tensor_case(2, 20, 18, 5, k, opts["up"], skip=skip, seed=21)
     out, grads = run(tensors, opts, torch.float32)
@@ -123,7 +126,6 @@ def test_square_tiles_scale_the_activations(variant, monkeypatch, poisoned):
     assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's one config; on a GPU the tuning run times 2-D tiles")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pixel_block_tiles(variant, monkeypatch, poisoned):
     """Configs with TX > 0 tile the pixels in blocks of BM/TX rows × TX columns (pixel_tile): every kernel that
@@ -131,12 +133,11 @@ def test_pixel_block_tiles(variant, monkeypatch, poisoned):
     LSAP_TRITON_DGRAD_TX), on maps whose height and width are no multiple of the block's, so blocks are cut on both
     edges."""
     from lsap_kernels.ops.modconv import triton_fwd
-    import triton
-    monkeypatch.setattr(triton_bwd, "DGRAD_TX", 8)  # 8 rows × 8 columns of its 64-pixel tile
+    monkeypatch.setattr(triton_bwd, "DGRAD_TX", 8)  # its tile: 64 pixels (interpreter) or 128, 8 columns wide
     block = {"BM": 32, "BN": 16, "TX": 8}  # 4 rows × 8 columns
-    monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs", [triton.Config({**block, "BK": 16}, num_warps=1)])
+    monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs", one_config(**block, BK=16))
     for kernel in (triton_fwd._fir_epilogue_kernel, triton_bwd._fir_adjoint_kernel, triton_bwd._skip_bwd_kernel):
-        monkeypatch.setattr(kernel, "configs", [triton.Config(block, num_warps=1)])
+        monkeypatch.setattr(kernel, "configs", one_config(**block))
     k, skip, opts = split_variant(variant)
     tensors = tensor_case(2, 6, 18, 10 if skip else 11, k, opts["up"], skip=skip, seed=23)
     assert triton_bwd.dgrad_tile_width(triton_bwd.pixel_block(11 * 11), 11) == 8
