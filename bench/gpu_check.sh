@@ -12,6 +12,9 @@
 #   run(command="bash bench/gpu_check.sh ab", timeout_s=240)     kernel times of the large layers under each
 #                                   experiment switch (LSAP_TRITON_DGRAD_TX, LSAP_TRITON_PRESCALE_MIN_COUT; AB_SETTINGS
 #                                   adds more), to decide their defaults
+#   run(command="bash bench/gpu_check.sh tune_ab", timeout_s=300) the few-channel 1024²/512² layers retuned twice,
+#                                   flat and 16-wide 2-D data-gradient tiles (LSAP_TRITON_DGRAD_TX), every wide config
+#                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
@@ -115,6 +118,18 @@ for setting in default LSAP_TRITON_DGRAD_TX=16 LSAP_TRITON_PRESCALE_MIN_COUT=128
     --layers convs.14 convs.15 to_rgbs.7 convs.13 convs.12 convs.11 convs.7 --out "$OUT/ab/$name" > /dev/null 2>&1
   echo "$setting: exit $?"
   grep -E "^## |^- call" "$OUT/ab/$name/profile_layers.md" 2>/dev/null | paste -d" " - - | cut -c1-110
+done
+fi
+if [ "$MODE" = tune_ab ]; then
+echo "== data-gradient pixel tiles, flat vs 2-D, each with its best config (bench/tune_modconv.py --retune)"
+# a Triton cache per run: its on-disk autotuning results are keyed by kernel and configs, not by this switch
+for tx in 0 16; do
+  mkdir -p "$OUT/tx$tx"
+  LSAP_TRITON_DGRAD_TX=$tx TRITON_CACHE_DIR=/tmp/triton_cache_tx$tx timeout "${TUNE_AB_TIMEOUT:-130}" "$PY" \
+    bench/tune_modconv.py --retune --layers ${TUNE_AB_LAYERS:-convs.15 to_rgbs.7 convs.13} --out "$OUT/tx$tx" \
+    --budget-s 100 > "$OUT/tx$tx/tune.log" 2>&1
+  echo "DGRAD_TX=$tx: exit $?"; rm -f "$OUT/tx$tx/triton_tuned.json"  # not for committing (8 files come back)
+  grep -E "_dgrad_kernel|_modconv_fwd_kernel" "$OUT/tx$tx/tune_modconv.md" | cut -c1-120
 done
 fi
 if [ "$MODE" = full ]; then

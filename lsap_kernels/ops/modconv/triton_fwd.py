@@ -81,7 +81,8 @@ if triton is not None:
                  (256, 32, 32, 8, 1), (128, 64, 32, 4, 1), (256, 16, 32, 4, 2), (512, 16, 32, 8, 1)]  # + toRGB
     # (BM, BN, BK, TX, warps, stages): 2-D pixel tiles, unpipelined only (the pipelined cp.async.cg loads bypass L1:
     # there every tap re-reads from L2 whatever the tile's shape). Unmeasured so far: the tuning run decides.
-    GEMM_WIDE_2D = [(128, 32, 32, 16, 4, 1), (128, 64, 32, 16, 4, 1), (256, 32, 32, 16, 8, 1), (128, 16, 32, 16, 4, 1)]
+    GEMM_WIDE_2D = [(128, 32, 32, 16, 4, 1), (128, 64, 32, 16, 4, 1), (256, 32, 32, 16, 8, 1), (128, 16, 32, 16, 4, 1),
+                    (512, 32, 32, 32, 8, 1)]
 
     def prune_mn(m_arg: str, n_arg: str, w_arg: str | None = None):
         """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
