@@ -3,8 +3,9 @@
   (a) grouped conv     rosinality's generator (tests/stylegan2_rosinality.py, fused=True): per-sample weights,
                        one grouped convolution with groups=B, the FIR as one-channel convolutions over [B·C, 1, H, W]
   (b) input scaling    the same model with fused=False: x ⊙ s, one shared weight, then demodulation (NVIDIA's path)
-  (c) torch.compile    lsap_kernels' Generator on the plain-PyTorch reference op, called without backend dispatch
-                       so dynamo sees only torch ops, then torch.compile'd
+  (c) torch.compile    the suite: (a) and (b) themselves, torch.compile'd. bench_cpu_step.py: lsap_kernels'
+                       Generator on the plain-PyTorch reference op, called without backend dispatch so dynamo sees
+                       only torch ops, then torch.compile'd (compiled_reference)
 
 All share one set of random weights (with non-zero biases and noise strengths, as in a trained model), loaded into
 lsap_kernels' Generator too, so every provider computes the same function. The SNCD term of the baselines is the
