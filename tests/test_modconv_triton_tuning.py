@@ -60,6 +60,45 @@ def test_tuned_configs_survive_export_and_seed(monkeypatch):
     assert launched[-1]["BLOCK"] == 16
 
 
+def test_cached_autotuner_launches_the_autotuners_choice(monkeypatch):
+    """CachedAutotuner (the kernels' autotuner on a GPU): each shape key and dtype goes through Triton's
+    Autotuner.run once (benchmark, or a seeded entry), later launches of that key take the same config without it."""
+    configs = [triton.Config({"BLOCK": 16}, num_warps=2, num_stages=2),
+               triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3)]
+    tuner = triton_fwd.CachedAutotuner(_copy_kernel, configs, ["n"])
+    timings = {(40, torch.float32): {16: 2.0, 32: 1.0}, (40, torch.float64): {16: 1.0, 32: 3.0},
+               (7, torch.float32): {16: 1.0, 32: 2.0}}
+    benched, launched, slow = [], [], []
+
+    def bench(x, y, n, *args, config, **kwargs):
+        benched.append((n, x.dtype))
+        return [timings[(n, x.dtype)][config.kwargs["BLOCK"]]] * 3
+
+    base_run = triton.runtime.Autotuner.run
+    monkeypatch.setattr(triton.runtime.Autotuner, "run",
+                        lambda self, *a, **k: slow.append(a[2]) or base_run(self, *a, **k))  # a[2]: n
+    monkeypatch.setattr(tuner, "_bench", bench)
+    monkeypatch.setattr(tuner.fn, "run", lambda *args, **kwargs: launched.append(kwargs))
+    x, y = torch.randn(40), torch.empty(40)
+    for _ in range(3):
+        tuner.run(x, y, 40, grid=(2,))
+    assert [k["BLOCK"] for k in launched] == [32] * 3 and benched == [(40, torch.float32)] * 2 and slow == [40]
+    assert launched[-1]["grid"] == (2,) and (launched[-1]["num_warps"], launched[-1]["num_stages"]) == (4, 3)
+    for _ in range(2):  # another dtype, another size: each its own key
+        tuner.run(x.double(), y.double(), 40, grid=(2,))
+        tuner.run(x, y, 7, grid=(1,))
+    assert [k["BLOCK"] for k in launched[3:]] == [16, 16, 16, 16] and slow == [40, 40, 7]
+    # a seeded shape: Autotuner.run once (no benchmark), then the fast path
+    table = json.loads(json.dumps(triton_tuning.export({"copy": tuner})))
+    fresh = triton_fwd.CachedAutotuner(_copy_kernel, configs, ["n"])
+    assert triton_tuning.seed(table, {"copy": fresh}) == 3
+    monkeypatch.setattr(fresh, "_bench", None)  # must not benchmark
+    slow.clear()
+    for _ in range(2):
+        fresh.run(x.double(), y.double(), 40, grid=(2,))
+    assert launched[-1]["BLOCK"] == 16 and slow == [40]
+
+
 @pytest.mark.parametrize("mode", ["0", "", "wide"])
 def test_pruning_modes(monkeypatch, mode):
     """One config (tests), the first 4 fitting (default), or those and every fitting wide one (tuning run)."""
