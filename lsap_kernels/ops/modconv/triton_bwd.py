@@ -339,7 +339,8 @@ def pixel_block(pixels: int) -> int:
 
 # The data gradient's pixel tiles as blocks DGRAD_TX wide where the image is at least that wide and the tile holds
 # 2 rows of it (pixel_tile; 0: flat). Chosen on the host with BM, since the partials' count depends on it: not
-# autotuned. Not yet timed on a GPU, hence off by default (the A/B: bench/gpu_check.sh ab).
+# autotuned. Not yet timed on a GPU, hence off by default (the A/B, each side with its best block sizes:
+# bench/gpu_check.sh tune_ab).
 DGRAD_TX = int(os.environ.get("LSAP_TRITON_DGRAD_TX", "0"))
 
 
