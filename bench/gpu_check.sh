@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one command for a session that has a GPU, in two calls (a lease is 15 minutes of device time in all, the
-# machine start included; one call may run 10 minutes; the machine stays warm 30 s after a call, so issue the second
-# at once and it reuses the build):
+# The one command for a session that has a GPU, in a few calls (a lease is 15 minutes of device time in all, the
+# machine start included; one call may run 10 minutes; the machine stays warm 30 s after a call, so issue the next
+# at once and it reuses the build; each call gets a fresh copy of the tree, so files written into it do not carry
+# over: see TABLE_KEPT). Order used so far: tests, then tune or tune_ab, then bench or tables.
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
 #   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call, the suite (bench/suite.py)
 #   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit
@@ -17,7 +18,8 @@
 #                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
-# Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8).
+# Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8; to run
+# several modes in one call, give each its own OUT and pack them into one archive under the real $OUT).
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
 # but no network: build in place with the machine's python.
 MODE=${1:-tests}
