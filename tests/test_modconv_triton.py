@@ -487,6 +487,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                              BN=32, BK=32, **FLAGS)),
         (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=1, STORE_Z=False, PRECISION="tf32", PRESCALED=False, BM=128,
                                              BN=32, BK=32, **FLAGS)),
+        # toRGB: 3 output channels, the epilogue on 4 columns of the 16-wide MMA tile
+        (F._modconv_fwd_kernel, "bf16", dict(K=1, UP=1, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
+                                             BN=16, BK=32, NARROW=4, **{**FLAGS, "DEMOD": False, "LRELU": False})),
         # 2-D pixel tiles (TX columns; the others take TX = 0, their default)
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=2, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
                                              BN=32, BK=32, TX=16, **FLAGS)),
@@ -497,7 +500,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                               WANT_BIAS=True, STORE_GN=True, WANT_STRENGTH=True, BM=64, BN=64,
                                               **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),
         (B._fir_adjoint_kernel, "bf16", dict(PAD0=1, BM=64, BN=64)),
-        (B._skip_bwd_kernel, "fp32", dict(BM=64, BN=64, TX=16)),
+        (B._skip_bwd_kernel, "fp32", dict(BM=256, BN=4, TX=16)),  # toRGB's 4-channel tile
         (B._dgrad_kernel, "bf16", dict(K=3, UP=2, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=128, BN=64, BK=32,
                                        TX=16)),
         (B._dgrad_kernel, "fp32", dict(K=3, UP=1, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=64, BN=64, BK=32)),
@@ -507,7 +510,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     target = GPUTarget("cuda", 90, 32)
     for kernel, elem, consts in KERNELS:
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        consts = {"TX": 0, **consts} if "TX" in fn.arg_names else consts
+        consts = {**{n: 0 for n in ("TX", "NARROW") if n in fn.arg_names}, **consts}  # their defaults
         sig = {}
         for n in fn.arg_names:
             if n in consts:
@@ -535,9 +538,9 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert len(lines) == 17, res.stdout
+    assert len(lines) == 18, res.stdout
     gemms = [line for line in lines if line[0] in ("_modconv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")]
-    assert len(gemms) == 9 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
+    assert len(gemms) == 10 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
 
 
 # ---- real shapes on a GPU ------------------------------------------------------------------------------------------

@@ -123,17 +123,35 @@ def test_pruning_modes(monkeypatch, mode):
     assert small == [configs[area.index(min(area))]]
 
 
-def test_pruning_drops_pixel_blocks_wider_than_the_image(monkeypatch):
+def test_pruning_of_pixel_blocks_and_narrow_tiles(monkeypatch):
     """2-D pixel tiles (TX columns) are kept where the image is at least TX wide, flat ones everywhere; the FIR
-    kernels' short list holds both kinds for the up-sampling layers' channel counts."""
+    kernels' short list holds both kinds for the up-sampling layers' channel counts. Channel tiles narrower than 16
+    only where one spans every channel: the toRGB skip's 3 get 4-wide ones first, wider layers none."""
     monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", "")
     configs = triton_fwd.ew_configs()
     prune = triton_fwd.prune_mn("PIXELS", "Cout", "WO")
     for cout in (32, 64, 128, 256, 512):
         kept = prune(configs, {"PIXELS": 1024 * 1024, "Cout": cout, "WO": 1024})
         assert {c.kwargs["TX"] > 0 for c in kept} == {True, False}, cout
+        assert all(c.kwargs["BN"] >= 16 for c in kept), cout
         narrow = prune(configs, {"PIXELS": 8 * 64, "Cout": cout, "WO": 8})
         assert narrow and all(c.kwargs["TX"] <= 8 for c in narrow), cout
+    for cout, widths in ((3, [4, 4, 4, 16]), (5, [16, 16])):
+        kept = prune(configs, {"PIXELS": 512 * 512, "Cout": cout, "WO": 512})
+        assert [c.kwargs["BN"] for c in kept] == widths, cout
+
+
+def test_data_gradient_k_chunks_fit_the_output_channels(monkeypatch):
+    """The data gradient's K chunk runs over Cout: toRGB's 3 get 16-wide chunks only, the wide layers the list's
+    first four as before."""
+    monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", "")
+    from lsap_kernels.ops.modconv import triton_bwd
+    configs = triton_bwd.DGRAD_CONFIGS
+    prune = triton_fwd.prune_mn("PIXELS", "Cin", k_arg="Cout")
+    torgb = prune(configs, {"PIXELS": 1 << 20, "Cin": 512, "Cout": 3})
+    assert torgb and all(c.kwargs["BK"] == 16 for c in torgb)
+    wide = prune(configs, {"PIXELS": 64 * 64, "Cin": 512, "Cout": 512})
+    assert wide == configs[:4]
 
 
 def test_committed_table_names_real_kernels_and_blocks():

@@ -109,17 +109,19 @@ if triton is not None:
     GEMM_WIDE_2D = [(128, 32, 32, 16, 4, 1), (128, 64, 32, 16, 4, 1), (256, 32, 32, 16, 8, 1), (128, 16, 32, 16, 4, 1),
                     (512, 32, 32, 32, 8, 1)]
 
-    def prune_mn(m_arg: str, n_arg: str, w_arg: str | None = None):
-        """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
-        least 16) and whose 2-D pixel tiles are at most as wide as the image (``w_arg``), in list order, at most 4
-        of them — each is one more compilation per shape on first use — or only the first with
-        LSAP_TRITON_AUTOTUNE=0; with =wide those 4 and every fitting wide one. None fits: the one with the smallest
-        tiles."""
+    def prune_mn(m_arg: str, n_arg: str, w_arg: str | None = None, k_arg: str | None = None):
+        """Keep the configs whose M and N (and with ``k_arg`` K-chunk) tiles fit the problem (at most its size
+        rounded up to a power of two, at least 16; an N tile narrower than 16 only where it holds all of N) and whose
+        2-D pixel tiles are at most as wide as the image (``w_arg``), in list order, at most 4 of them — each is one more compilation per shape on
+        first use — or only the first with LSAP_TRITON_AUTOTUNE=0; with =wide those 4 and every fitting wide one.
+        None fits: the one with the smallest tiles."""
         def prune(configs, nargs, **kwargs):
             m_cap = max(16, triton.next_power_of_2(nargs[m_arg]))
-            n_cap = max(16, triton.next_power_of_2(nargs[n_arg]))
-            kept = [c for c in configs if c.kwargs.get("BM", 0) <= m_cap and c.kwargs["BN"] <= n_cap
-                    and (w_arg is None or c.kwargs.get("TX", 0) <= nargs[w_arg])]
+            n_pow2 = triton.next_power_of_2(nargs[n_arg])
+            kept = [c for c in configs if c.kwargs.get("BM", 0) <= m_cap and c.kwargs["BN"] <= max(16, n_pow2)
+                    and (c.kwargs["BN"] >= 16 or c.kwargs["BN"] >= n_pow2)
+                    and (w_arg is None or c.kwargs.get("TX", 0) <= nargs[w_arg])
+                    and (k_arg is None or c.kwargs["BK"] <= max(16, triton.next_power_of_2(nargs[k_arg])))]
             if not kept:
                 kept = [min(configs, key=lambda c: c.kwargs.get("BM", 1) * c.kwargs["BN"])]
             mode = os.environ.get("LSAP_TRITON_AUTOTUNE")
@@ -148,6 +150,27 @@ if triton is not None:
             mx = (pid_m % n_tx) * TX + r % TX
             ok = (my < MH) & (mx < MW)
         return my, mx, ok
+
+    @triton.jit
+    def left_half(t, BM: tl.constexpr, W: tl.constexpr):
+        """t[:, :W/2] of a [BM, W] tile (Triton has no slicing)."""
+        left, _ = tl.split(tl.permute(tl.reshape(t, [BM, 2, W // 2]), [0, 2, 1]))
+        return left
+
+    @triton.jit
+    def leading_columns(t, BM: tl.constexpr, BN: tl.constexpr, NO: tl.constexpr):
+        """t[:, :NO] of a [BM, BN] tile, NO and BN powers of 2 with BN/NO <= 16. The epilogue's per-element work
+        (skip gathers, masks, 2-byte stores of 3-channel rows) was most of the toRGB forward's instructions
+        (sm_90 SASS: 76 scalar loads and 16 stores per thread at BN = 16)."""
+        if BN // NO >= 2:
+            t = left_half(t, BM, BN)
+        if BN // NO >= 4:
+            t = left_half(t, BM, BN // 2)
+        if BN // NO >= 8:
+            t = left_half(t, BM, BN // 4)
+        if BN // NO >= 16:
+            t = left_half(t, BM, BN // 8)
+        return t
 
     @triton.jit
     def fir_gather(t_ptr, t_base, oy, ox, offs_o, mask_m, mask_o, TH, TW, stc, sth, stw, PAD0: tl.constexpr,
@@ -221,7 +244,7 @@ if triton is not None:
                             HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, LRELU: tl.constexpr,
                             HAS_CLAMP: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
                             PRESCALED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            TX: tl.constexpr = 0):
+                            NARROW: tl.constexpr = 0, TX: tl.constexpr = 0):
         """UP=1: out = epilogue(conv(x·sg, W)) [+ z = the conv]; UP=2: out = T, phase program_id(2) % 4 of the
         transposed conv (HO×WO = T's size). w_ptr: W as [k, k, Cin, Cout] contiguous; s_ptr: the styles [B, Cin]
         (any dtype and strides), scaled by wgain = g in fp32 as they are loaded. PRESCALED: x is u = x·s·g already
@@ -287,6 +310,10 @@ if triton is not None:
                 ut, wt = ut.to(tl.float32), wt.to(tl.float32)
             acc = tl.dot(ut, wt, acc, input_precision=PRECISION)
         oy, ox = UP * my + py, UP * mx + px
+        if NARROW > 0:  # Cout <= NARROW < BN (toRGB's 3 of the MMA's 16): the epilogue on NARROW columns only
+            acc = leading_columns(acc, BM, BN, NARROW)
+            offs_n = tl.arange(0, NARROW)
+            mask_n = offs_n < Cout
         out_off = b * sob + (oy * soh + ox * sow)[:, None] + offs_n[None, :] * soc
         mask = mask_m[:, None] & mask_n[None, :]
         if UP == 2:
@@ -355,8 +382,10 @@ if triton is not None:
                  (v * sc[None, :]).to(u_ptr.dtype.element_ty), mask=mask)
 
     # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
-    # (BM, BN, TX, warps): each flat tile next to its 2-D block, so the short list autotunes both
-    EW_SHAPES = [(64, 64, 0, 4), (64, 64, 8, 4), (128, 32, 0, 4), (128, 32, 16, 4), (32, 128, 0, 4), (256, 16, 0, 4),
+    # (BM, BN, TX, warps): each flat tile next to its 2-D block, so the short list autotunes both; first, 4-channel
+    # tiles for the toRGB skip's 3 (prune_mn keeps a tile narrower than 16 only where it spans every channel)
+    EW_SHAPES = [(256, 4, 0, 4), (256, 4, 16, 4), (512, 4, 0, 4),
+                 (64, 64, 0, 4), (64, 64, 8, 4), (128, 32, 0, 4), (128, 32, 16, 4), (32, 128, 0, 4), (256, 16, 0, 4),
                  (256, 16, 16, 4), (128, 64, 0, 8)]
     EW_WIDE = [(256, 32, 0, 8), (64, 32, 0, 2), (128, 128, 0, 8), (512, 16, 0, 8), (256, 32, 16, 8), (512, 16, 32, 8)]
 
@@ -453,6 +482,10 @@ def demodulation(styles: torch.Tensor, q: torch.Tensor, weight_gain: float, eps:
 PRESCALE_MIN_COUT = int(os.environ.get("LSAP_TRITON_PRESCALE_MIN_COUT", "256"))
 
 
+# Layers with at most this many output channels (toRGB) run the forward's epilogue on that many columns of the tile.
+NARROW = 4
+
+
 def prescale(x: torch.Tensor, styles: torch.Tensor, weight_gain: float) -> torch.Tensor:
     """u = x·s·g [B, Cin, H, W] channels_last, in x's dtype; x may be any strides (a batch-broadcast x too)."""
     batch, cin, h, w = x.shape
@@ -493,7 +526,8 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
         grid = lambda meta: (pixel_programs(h, w, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
         _modconv_fwd_kernel[grid](x, w_t, styles, *epilogue_args, out, ptr(z), batch, cin, cout, h, w, ho, wo, h * w,
                                   *x.stride(), *styles.stride(), *epilogue_strides, *out.stride(), *scalars,
-                                  K=k, UP=1, STORE_Z=keep, PRECISION=precision, PRESCALED=prescaled, **flags)
+                                  K=k, UP=1, STORE_Z=keep, PRECISION=precision, PRESCALED=prescaled,
+                                  NARROW=NARROW if cout <= NARROW else 0, **flags)
         return out, z if keep else x.new_empty((0,))
     th, tw = 2 * h + k - 2, 2 * w + k - 2
     t = cl_empty((batch, cout, th, tw), x.dtype, x.device)
@@ -502,7 +536,7 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
     _modconv_fwd_kernel[grid](x, w_t, styles, out, out, out, out, out, t, out, batch, cin, cout, h, w, th, tw,
                               ph * pw, *x.stride(), *styles.stride(), *(0,) * 7, *t.stride(),
                               float(weight_gain), 1.0, 0.0,
-                              K=k, UP=2, STORE_Z=False, PRECISION=precision, PRESCALED=prescaled,
+                              K=k, UP=2, STORE_Z=False, PRECISION=precision, PRESCALED=prescaled, NARROW=0,
                               **{n: False for n in flags})
     grid = lambda meta: (pixel_programs(ho, wo, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
     _fir_epilogue_kernel[grid](t, *epilogue_args, out, ptr(z), batch, cout, th, tw, ho, wo, ho * wo, *t.stride(),
