@@ -129,15 +129,16 @@ def test_square_tiles_scale_the_activations(variant, monkeypatch, poisoned):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pixel_block_tiles(variant, monkeypatch, poisoned):
     """Configs with TX > 0 tile the pixels in blocks of BM/TX rows × TX columns (pixel_tile): every kernel that
-    takes them at once (forward GEMM, FIR epilogue and adjoint, skip backward; the data gradient through
-    LSAP_TRITON_DGRAD_TX), on maps whose height and width are no multiple of the block's, so blocks are cut on both
-    edges."""
+    takes them at once (forward GEMM, skip backward; the data gradient through LSAP_TRITON_DGRAD_TX), and the FIR
+    passes' strips with other widths and row counts than the interpreter's default, on maps whose height and width
+    are no multiple of the block's, so blocks are cut on both edges."""
     from lsap_kernels.ops.modconv import triton_fwd
     monkeypatch.setattr(triton_bwd, "DGRAD_TX", 8)  # its tile: 64 pixels (interpreter) or 128, 8 columns wide
     block = {"BM": 32, "BN": 16, "TX": 8}  # 4 rows × 8 columns
     monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs", one_config(**block, BK=16))
-    for kernel in (triton_fwd._fir_epilogue_kernel, triton_bwd._fir_adjoint_kernel, triton_bwd._skip_bwd_kernel):
-        monkeypatch.setattr(kernel, "configs", one_config(**block))
+    monkeypatch.setattr(triton_bwd._skip_bwd_kernel, "configs", one_config(**block))
+    # the FIR passes (forward and adjoint): strips 8 columns wide, 4 rows per program
+    monkeypatch.setattr(triton_fwd._fir_epilogue_kernel, "configs", one_config(TX=8, BN=16, RY=4))
     k, skip, opts = split_variant(variant)
     tensors = tensor_case(2, 6, 18, 10 if skip else 11, k, opts["up"], skip=skip, seed=23)
     assert triton_bwd.dgrad_tile_width(triton_bwd.pixel_block(11 * 11), 11) == 8
@@ -493,13 +494,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         # 2-D pixel tiles (TX columns; the others take TX = 0, their default)
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=2, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
                                              BN=32, BK=32, TX=16, **FLAGS)),
-        (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, BM=64, BN=64, TX=8, **FLAGS)),
+        (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, TX=32, BN=32, RY=16, **FLAGS)),
         (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
         (F._demod_kernel, "bf16", dict(BO=32, BI=64)),
         (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True,
                                               WANT_BIAS=True, STORE_GN=True, WANT_STRENGTH=True, BM=64, BN=64,
                                               **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),
-        (B._fir_adjoint_kernel, "bf16", dict(PAD0=1, BM=64, BN=64)),
         (B._skip_bwd_kernel, "fp32", dict(BM=256, BN=4, TX=16)),  # toRGB's 4-channel tile
         (B._dgrad_kernel, "bf16", dict(K=3, UP=2, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=128, BN=64, BK=32,
                                        TX=16)),
@@ -538,7 +538,7 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert len(lines) == 18, res.stdout
+    assert len(lines) == 17, res.stdout
     gemms = [line for line in lines if line[0] in ("_modconv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel")]
     assert len(gemms) == 10 and all(uses_mma == expected for *_, uses_mma, expected in gemms), res.stdout
 

@@ -20,13 +20,13 @@ import os
 
 import torch
 
-from .triton_fwd import INTERPRET, cl_empty, fir_pad0, needs_conv_out, noise_strides, prepare_weight, triton
+from .triton_fwd import INTERPRET, cl_empty, fir, fir_pad0, needs_conv_out, noise_strides, prepare_weight, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from .triton_fwd import (INTERPRETED, activate, block_configs, ew_configs, fir_gather, gemm_configs,
-                              pixel_programs, pixel_tile, preactivation, prune_mn, tuned)
+    from .triton_fwd import (INTERPRETED, activate, block_configs, ew_configs, gemm_configs, pixel_programs,
+                              pixel_tile, preactivation, prune_mn, tuned)
 
     @triton.jit
     def preactivation_inverse(a, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
@@ -108,22 +108,6 @@ if triton is not None:
         if WANT_STRENGTH:
             n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
             tl.store(gs_part_ptr + b * n_m + pid_m, tl.sum(noise_acc * n, axis=0))
-
-    @tuned(ew_configs(), key=["Cout", "GH", "GW", "TH", "TW", "PAD0"], prune=prune_mn("PIXELS", "Cout", "TW"),
-           interpret={"BM": 64, "BN": 16})
-    @triton.jit
-    def _fir_adjoint_kernel(gz_ptr, gt_ptr, Cout, GH, GW, TH, TW, PIXELS, sgb, sgc, sgh, sgw, stb, stc, sth, stw,
-                            PAD0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TX: tl.constexpr = 0):
-        """g_T[t] = Σ_j g_z[t − j + PAD0]·f[j] = Σ_j g_z[t + j − (3 − PAD0)]·f[j] (f symmetric): the
-        forward blur with the other pad, over g_z's grid."""
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        ty, tx, mask_m = pixel_tile(pid_m, TH, TW, BM, TX)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        mask_n = offs_n < Cout
-        v = fir_gather(gz_ptr, b * sgb, ty, tx, offs_n, mask_m, mask_n, GH, GW, sgc, sgh, sgw, 3 - PAD0, BM, BN)
-        tl.store(gt_ptr + b * stb + (ty * sth + tx * stw)[:, None] + offs_n[None, :] * stc,
-                 v.to(gt_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @tuned(ew_configs(), key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout", "SW"),
            interpret={"BM": 64, "BN": 4})  # 4-channel tiles, as for toRGB on a GPU (16: test_pixel_block_tiles)
@@ -415,12 +399,10 @@ def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bi
 
     dx = dw = dstyles = None
     if need_conv:
-        if up == 2:  # g_T = FIRᵀ(g_z) on T's grid
-            th, tw = 2 * h + k - 2, 2 * w + k - 2
+        if up == 2:  # g_T[t] = Σ_j g_z[t − j + PAD0]·f[j] = Σ_j g_z[t + j − (3 − PAD0)]·f[j] (f symmetric): the
+            th, tw = 2 * h + k - 2, 2 * w + k - 2  # forward's FIR with the other pad, from g_z's grid onto T's
             gt = cl_empty((batch, cout, th, tw), x.dtype, dev)
-            grid = lambda meta: (pixel_programs(th, tw, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
-            _fir_adjoint_kernel[grid](gz, gt, cout, ho, wo, th, tw, th * tw, *gz.stride(), *gt.stride(),
-                                      PAD0=fir_pad0(k))
+            fir(gz, gt, 3 - fir_pad0(k))
             gz = gt
         gh, gw = gz.shape[-2:]
         if need_x or need_s:

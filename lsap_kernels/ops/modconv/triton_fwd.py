@@ -17,10 +17,11 @@ Folding the FIR into 6×6 polyphase weights would be exact too, at ~4× the MACs
 Tensors are addressed through their strides (NCHW or channels_last inputs both work); everything the op allocates
 is channels_last, so the GEMM tiles read channel-contiguous rows.
 
-A tile's pixels are BM consecutive ones of the row-major grid, or (config TX > 0) a block of BM/TX rows × TX columns
-(pixel_tile). A flat tile of a wide image lies in one row, so its 3×3 taps (4×4 for the FIR) touch 3 (4) rows of
-BM+2 (BM+3) pixels, about 3× (4×) its own bytes, which L2 serves again unless L1 still holds them; an 8×16 block
-touches 10×18 (11×19) pixels, 1.4× (1.6×). The autotuner chooses per shape.
+A GEMM tile's pixels are BM consecutive ones of the row-major grid, or (config TX > 0) a block of BM/TX rows × TX
+columns (pixel_tile). A flat tile of a wide image lies in one row, so its 3×3 taps touch 3 rows of BM+2 pixels,
+about 3× its own bytes, which L2 serves again unless L1 still holds them; an 8×16 block touches 10×18 pixels, 1.4×.
+The autotuner chooses per shape. The FIR pass is separable: each program walks down a strip of columns, filters
+every row of T once along x and combines the last four rows along y (_fir_epilogue_kernel).
 """
 from __future__ import annotations
 
@@ -173,22 +174,20 @@ if triton is not None:
         return t
 
     @triton.jit
-    def fir_gather(t_ptr, t_base, oy, ox, offs_o, mask_m, mask_o, TH, TW, stc, sth, stw, PAD0: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr):
-        """z[oy, ox] = Σ_{jy,jx} T[oy+jy−PAD0, ox+jx−PAD0]·f[jy]·f[jx] for a [BM pixels, BN channels] tile (zero
-        outside T: rosinality's FIR padding); f = [1,3,3,1]/4, f[j] = (1 + j(3 − j))/4 (the 2-D FIR
-        [1,3,3,1]⊗[1,3,3,1]/64·4 is f⊗f)."""
-        z = tl.zeros([BM, BN], dtype=tl.float32)
-        col = t_ptr + t_base + offs_o[None, :] * stc
-        for jy in tl.static_range(4):
-            ty = oy + jy - PAD0
-            ok_y = mask_m & (ty >= 0) & (ty < TH)
-            for jx in tl.static_range(4):
-                tx = ox + jx - PAD0
-                ok = ok_y & (tx >= 0) & (tx < TW)
-                v = tl.load(col + (ty * sth + tx * stw)[:, None], mask=ok[:, None] & mask_o[None, :], other=0.0)
-                z += v.to(tl.float32) * ((1 + jy * (3 - jy)) * (1 + jx * (3 - jx)) / 16)
-        return z
+    def fir_row(t_ptr, t_base, ty, ox, offs_c, mask_x, mask_c, TH, TW, stc, sth, stw, PAD0: tl.constexpr,
+                TX: tl.constexpr, BN: tl.constexpr):
+        """h[x] = Σ_jx f[jx]·T[ty, ox + jx − PAD0] for one row ty of TX pixels × BN channels, fp32, zero outside T
+        (rosinality's FIR padding). f = [1,3,3,1]/4, f[j] = (1 + j(3 − j))/4: the 2-D FIR [1,3,3,1]⊗[1,3,3,1]/64·4
+        is f⊗f, so z[y] = Σ_jy f[jy]·h[y + jy − PAD0] (_fir_epilogue_kernel)."""
+        h = tl.zeros([TX, BN], dtype=tl.float32)
+        ok_y = (ty >= 0) & (ty < TH)
+        row = t_ptr + t_base + ty * sth + offs_c[None, :] * stc
+        for jx in tl.static_range(4):
+            tx = ox + jx - PAD0
+            ok = mask_x & (tx >= 0) & (tx < TW) & ok_y
+            v = tl.load(row + (tx * stw)[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0)
+            h += v.to(tl.float32) * ((1 + jx * (3 - jx)) / 4)
+        return h
 
     @triton.jit
     def preactivation(z, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
@@ -381,9 +380,8 @@ if triton is not None:
         tl.store(u_ptr + (b * PIXELS + offs_m)[:, None] * Cin + offs_c[None, :],
                  (v * sc[None, :]).to(u_ptr.dtype.element_ty), mask=mask)
 
-    # the up=2 blur + epilogue: memory-bound, tiles of pixels × channels
-    # (BM, BN, TX, warps): each flat tile next to its 2-D block, so the short list autotunes both; first, 4-channel
-    # tiles for the toRGB skip's 3 (prune_mn keeps a tile narrower than 16 only where it spans every channel)
+    # elementwise-like kernels (the skip's backward): tiles of pixels × channels, (BM, BN, TX, warps). First,
+    # 4-channel tiles for the toRGB skip's 3 (prune_mn keeps a tile narrower than 16 only where it spans every channel)
     EW_SHAPES = [(256, 4, 0, 4), (256, 4, 16, 4), (512, 4, 0, 4),
                  (64, 64, 0, 4), (64, 64, 8, 4), (128, 32, 0, 4), (128, 32, 16, 4), (32, 128, 0, 4), (256, 16, 0, 4),
                  (256, 16, 16, 4), (128, 64, 0, 8)]
@@ -392,8 +390,16 @@ if triton is not None:
     def ew_configs():
         return block_configs(("BM", "BN", "TX"), EW_SHAPES, EW_WIDE)
 
-    @tuned(ew_configs(), key=["Cout", "HO", "WO", "PAD0"], prune=prune_mn("PIXELS", "Cout", "WO"),
-           interpret={"BM": 64, "BN": 16})
+    # the FIR passes: (TX columns, BN channels, RY rows per program, warps)
+    FIR_SHAPES = [(32, 32, 16, 4), (16, 64, 16, 4), (64, 16, 16, 4), (32, 64, 8, 4), (32, 128, 8, 8), (64, 32, 32, 4),
+                  (8, 128, 8, 4)]  # the last for 8-pixel-wide maps (convs.0)
+    FIR_WIDE = [(64, 64, 16, 8), (128, 32, 16, 8), (32, 32, 32, 4), (16, 32, 16, 2), (32, 32, 64, 4)]
+
+    def fir_configs():
+        return block_configs(("TX", "BN", "RY"), FIR_SHAPES, FIR_WIDE)
+
+    @tuned(fir_configs(), key=["Cout", "HO", "WO", "PAD0"], prune=prune_mn("PIXELS", "Cout", "WO"),
+           interpret={"TX": 16, "BN": 16, "RY": 8})
     @triton.jit
     def _fir_epilogue_kernel(t_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
                              B, Cout, TH, TW, HO, WO, PIXELS,
@@ -401,26 +407,57 @@ if triton is not None:
                              gain, clamp,
                              PAD0: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                              HAS_SKIP: tl.constexpr, LRELU: tl.constexpr, HAS_CLAMP: tl.constexpr,
-                             STORE_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TX: tl.constexpr = 0):
-        """out = epilogue(FIR(T)) [+ z = FIR(T), with out's shape and strides]."""
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        oy, ox, mask_m = pixel_tile(pid_m, HO, WO, BM, TX)
+                             STORE_Z: tl.constexpr, TX: tl.constexpr, BN: tl.constexpr, RY: tl.constexpr):
+        """out[y, x] = epilogue(z), z = Σ_{jy,jx} f[jy]·f[jx]·T[y + jy − PAD0, x + jx − PAD0] over HO×WO
+        [+ z, with out's shape and strides]. With every epilogue flag off and gain 1: the FIR alone (the backward's
+        adjoint, FIRᵀ = the FIR with the other pad). Each program walks RY rows of a strip of TX columns × BN
+        channels, filters each T row horizontally once (fir_row) and keeps the last four: 4 loads and 8 FMAs per
+        element instead of 16 and 16 (the 2-D gather was issue-bound: ~70 sm_90 instructions per element)."""
+        pid, pid_n = tl.program_id(0), tl.program_id(1)
+        n_tx, n_ry = tl.cdiv(WO, TX), tl.cdiv(HO, RY)
+        rest = pid // n_tx
+        b = (rest // n_ry).to(tl.int64)
+        y0 = (rest % n_ry) * RY
+        ox = (pid % n_tx) * TX + tl.arange(0, TX)
+        mask_x = ox < WO
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < Cout
-        z = fir_gather(t_ptr, b * stb, oy, ox, offs_n, mask_m, mask_n, TH, TW, stc, sth, stw, PAD0, BM, BN)
-        out_off = b * sob + (oy * soh + ox * sow)[:, None] + offs_n[None, :] * soc
-        mask = mask_m[:, None] & mask_n[None, :]
-        if STORE_Z:  # as in _modconv_fwd_kernel: the epilogue starts from the stored (rounded) z
-            z16 = z.to(z_ptr.dtype.element_ty)
-            tl.store(z_ptr + out_off, z16, mask=mask)
-            z = z16.to(tl.float32)
-        a = preactivation(z, b, oy, ox, offs_n, mask_m, mask_n, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
-                          snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
-        v = activate(a, gain, clamp, LRELU, HAS_CLAMP)
-        if HAS_SKIP:
-            v += skip_upsampled(skip_ptr, b, oy, ox, offs_n, mask_m, mask_n, HO // 2, WO // 2, skb, skc, skh, skw)
-        tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
+        t_base = b * stb
+        h0 = fir_row(t_ptr, t_base, y0 - PAD0, ox, offs_n, mask_x, mask_n, TH, TW, stc, sth, stw, PAD0, TX, BN)
+        h1 = fir_row(t_ptr, t_base, y0 + 1 - PAD0, ox, offs_n, mask_x, mask_n, TH, TW, stc, sth, stw, PAD0, TX, BN)
+        h2 = fir_row(t_ptr, t_base, y0 + 2 - PAD0, ox, offs_n, mask_x, mask_n, TH, TW, stc, sth, stw, PAD0, TX, BN)
+        for r in range(RY):
+            oy = y0 + r
+            h3 = fir_row(t_ptr, t_base, oy + 3 - PAD0, ox, offs_n, mask_x, mask_n, TH, TW, stc, sth, stw, PAD0, TX,
+                         BN)
+            z = (h0 + h3) * 0.25 + (h1 + h2) * 0.75
+            h0, h1, h2 = h1, h2, h3
+            mask_m = mask_x & (oy < HO)
+            out_off = b * sob + oy * soh + (ox * sow)[:, None] + offs_n[None, :] * soc
+            mask = mask_m[:, None] & mask_n[None, :]
+            if STORE_Z:  # as in _modconv_fwd_kernel: the epilogue starts from the stored (rounded) z
+                z16 = z.to(z_ptr.dtype.element_ty)
+                tl.store(z_ptr + out_off, z16, mask=mask)
+                z = z16.to(tl.float32)
+            a = preactivation(z, b, oy, ox, offs_n, mask_m, mask_n, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
+                              snb, snh, snw, DEMOD, HAS_NOISE, HAS_BIAS)
+            v = activate(a, gain, clamp, LRELU, HAS_CLAMP)
+            if HAS_SKIP:
+                v += skip_upsampled(skip_ptr, b, oy, ox, offs_n, mask_m, mask_n, HO // 2, WO // 2, skb, skc, skh, skw)
+            tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fir(t: torch.Tensor, out: torch.Tensor, pad0: int, epilogue_args=None, epilogue_strides=(0,) * 7,
+        scalars=(1.0, 0.0), z=None, **flags) -> None:
+    """out = epilogue(FIR(t)) over out's grid (_fir_epilogue_kernel); without ``epilogue_args`` the FIR alone."""
+    batch, cout, th, tw = t.shape
+    ho, wo = out.shape[-2:]
+    grid = lambda meta: (triton.cdiv(wo, meta["TX"]) * triton.cdiv(ho, meta["RY"]) * batch,  # noqa: E731
+                         triton.cdiv(cout, meta["BN"]))
+    flags = {n: flags.get(n, False) for n in ("DEMOD", "HAS_NOISE", "HAS_BIAS", "HAS_SKIP", "LRELU", "HAS_CLAMP")}
+    _fir_epilogue_kernel[grid](t, *(epilogue_args or (out,) * 5), out, out if z is None else z, batch, cout, th, tw,
+                               ho, wo, ho * wo, *t.stride(), *epilogue_strides, *out.stride(), *scalars, PAD0=pad0,
+                               STORE_Z=z is not None, **flags)
 
 
 def pixel_programs(h: int, w: int, meta: dict) -> int:
@@ -538,10 +575,7 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
                               float(weight_gain), 1.0, 0.0,
                               K=k, UP=2, STORE_Z=False, PRECISION=precision, PRESCALED=prescaled, NARROW=0,
                               **{n: False for n in flags})
-    grid = lambda meta: (pixel_programs(ho, wo, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
-    _fir_epilogue_kernel[grid](t, *epilogue_args, out, ptr(z), batch, cout, th, tw, ho, wo, ho * wo, *t.stride(),
-                               *epilogue_strides, *out.stride(), *scalars[1:], PAD0=fir_pad0(k), STORE_Z=keep,
-                               **flags)
+    fir(t, out, fir_pad0(k), epilogue_args, epilogue_strides, scalars[1:], z if keep else None, **flags)
     return out, z if keep else x.new_empty((0,))
 
 

@@ -23,7 +23,7 @@ def autotuned_kernels() -> dict:
     """{name: Autotuner} of every autotuned kernel of this backend."""
     from . import triton_bwd, triton_fwd
     return {k.base_fn.__name__: k for k in (triton_fwd._modconv_fwd_kernel, triton_fwd._fir_epilogue_kernel,
-                                            triton_bwd._fir_adjoint_kernel, triton_bwd._skip_bwd_kernel,
+                                            triton_bwd._skip_bwd_kernel,
                                             triton_bwd._dgrad_kernel, triton_bwd._wgrad_kernel)}
 
 
