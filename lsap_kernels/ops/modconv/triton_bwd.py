@@ -31,14 +31,15 @@ if triton is not None:
     @triton.jit
     def preactivation_inverse(a, b, oy, ox, offs_o, mask_m, mask_o, Cout, d_ptr, noise_ptr, strength_ptr, bias_ptr,
                               snb, snh, snw, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """z = (a − strength·noise − bias) / d (fp32; d > 0)."""
+        """z = (a − strength·noise − bias) / d (fp32; d > 0), as a product with 1/d per channel: per element, a
+        division compiles to a reciprocal, range checks and rescaling (sm_90 SASS)."""
         z = a
         if HAS_NOISE:
             n = tl.load(noise_ptr + b * snb + oy * snh + ox * snw, mask=mask_m, other=0.0).to(tl.float32)
             z = z - tl.load(strength_ptr).to(tl.float32) * n[:, None]
         if HAS_BIAS:
             z = z - tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        return z / tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=1.0)[None, :]
+        return z * (1.0 / tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=1.0))[None, :]
 
     @triton.jit
     def _epilogue_bwd_kernel(g_ptr, z_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
@@ -75,7 +76,7 @@ if triton is not None:
                 t = tl.load(z_ptr + b * szb + (oy * szh + ox * szw)[:, None] + offs_o[None, :] * szc, mask=mask,
                             other=0.0).to(tl.float32)
                 if Z_FROM_OUT:  # t = out: no clamp, no skip, gain ≠ 0; leaky ReLU keeps the sign (slope 0.2)
-                    a = t / gain  # = act(a), whatever gain's sign
+                    a = t * (1.0 / gain)  # = act(a), whatever gain's sign
                     if LRELU:
                         a = tl.where(a > 0, a, 5.0 * a)
                     if WANT_GD:  # a = d·z + strength·noise + bias
