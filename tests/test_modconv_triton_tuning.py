@@ -141,19 +141,6 @@ def test_pruning_of_pixel_blocks_and_narrow_tiles(monkeypatch):
         assert [c.kwargs["BN"] for c in kept] == widths, cout
 
 
-def test_data_gradient_k_chunks_fit_the_output_channels(monkeypatch):
-    """The data gradient's K chunk runs over Cout: toRGB's 3 get 16-wide chunks only, the wide layers the list's
-    first four as before."""
-    monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", "")
-    from lsap_kernels.ops.modconv import triton_bwd
-    configs = triton_bwd.DGRAD_CONFIGS
-    prune = triton_fwd.prune_mn("PIXELS", "Cin", k_arg="Cout")
-    torgb = prune(configs, {"PIXELS": 1 << 20, "Cin": 512, "Cout": 3})
-    assert torgb and all(c.kwargs["BK"] == 16 for c in torgb)
-    wide = prune(configs, {"PIXELS": 64 * 64, "Cin": 512, "Cout": 512})
-    assert wide == configs[:4]
-
-
 def test_committed_table_names_real_kernels_and_blocks():
     """Every entry of the committed table names an autotuned kernel and only its block-size parameters, so a
     renamed kernel or block parameter cannot seed a config the kernel would reject at launch."""

@@ -135,16 +135,16 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     # data gradient: BM is fixed by pixel_block (the d_s partials are per pixel tile); N = Cin, K = Cout·taps
-    # (32, 32) late: in the 4 autotuned for Cin <= 32 only (1024² layers: 1.75-3× faster than (32, 64) on an H200);
-    # BK = 16 last: kept only for Cout <= 16 (toRGB's 3: the K chunk is g's channels, 2-byte loads of 3-channel rows)
+    # (32, 32) last: in the 4 autotuned for Cin <= 32 only (1024² layers: 1.75-3× faster than (32, 64) on an H200).
+    # Wide: BK = 16 for toRGB's 3 channels (half the scalar loads of 3-channel rows, but ~250 more instructions in
+    # the sm_90 SASS than BK = 32: the tuning run decides)
     DGRAD_CONFIGS = block_configs(("BN", "BK"), [(64, 32, 4, 4), (128, 32, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                                                 (128, 64, 8, 3), (16, 64, 4, 3), (32, 32, 4, 4), (32, 16, 4, 3),
-                                                 (64, 16, 4, 3), (128, 16, 8, 3)],
+                                                 (128, 64, 8, 3), (16, 64, 4, 3), (32, 32, 4, 4)],
                                   [(128, 64, 4, 4), (64, 64, 8, 4), (128, 128, 8, 3), (32, 128, 4, 3),
                                    (32, 32, 4, 1), (64, 32, 4, 1), (32, 16, 4, 1)])  # 1 stage: L1 reuse (GEMM_WIDE)
 
     @tuned(DGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
-           prune=prune_mn("PIXELS", "Cin", k_arg="Cout"), interpret={"BN": 16, "BK": 16})
+           prune=prune_mn("PIXELS", "Cin"), interpret={"BN": 16, "BK": 16})
     @triton.jit
     def _dgrad_kernel(gz_ptr, w_ptr, s_ptr, x_ptr, dx_ptr, ds_part_ptr,
                       B, Cin, Cout, H, W, GH, GW, PIXELS, n_m,

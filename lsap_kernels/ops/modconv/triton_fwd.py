@@ -110,10 +110,10 @@ if triton is not None:
     GEMM_WIDE_2D = [(128, 32, 32, 16, 4, 1), (128, 64, 32, 16, 4, 1), (256, 32, 32, 16, 8, 1), (128, 16, 32, 16, 4, 1),
                     (512, 32, 32, 32, 8, 1)]
 
-    def prune_mn(m_arg: str, n_arg: str, w_arg: str | None = None, k_arg: str | None = None):
-        """Keep the configs whose M and N (and with ``k_arg`` K-chunk) tiles fit the problem (at most its size
-        rounded up to a power of two, at least 16; an N tile narrower than 16 only where it holds all of N) and whose
-        2-D pixel tiles are at most as wide as the image (``w_arg``), in list order, at most 4 of them — each is one more compilation per shape on
+    def prune_mn(m_arg: str, n_arg: str, w_arg: str | None = None):
+        """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
+        least 16; an N tile narrower than 16 only where it holds all of N) and whose 2-D pixel tiles are at most as
+        wide as the image (``w_arg``), in list order, at most 4 of them — each is one more compilation per shape on
         first use — or only the first with LSAP_TRITON_AUTOTUNE=0; with =wide those 4 and every fitting wide one.
         None fits: the one with the smallest tiles."""
         def prune(configs, nargs, **kwargs):
@@ -121,8 +121,7 @@ if triton is not None:
             n_pow2 = triton.next_power_of_2(nargs[n_arg])
             kept = [c for c in configs if c.kwargs.get("BM", 0) <= m_cap and c.kwargs["BN"] <= max(16, n_pow2)
                     and (c.kwargs["BN"] >= 16 or c.kwargs["BN"] >= n_pow2)
-                    and (w_arg is None or c.kwargs.get("TX", 0) <= nargs[w_arg])
-                    and (k_arg is None or c.kwargs["BK"] <= max(16, triton.next_power_of_2(nargs[k_arg])))]
+                    and (w_arg is None or c.kwargs.get("TX", 0) <= nargs[w_arg])]
             if not kept:
                 kept = [min(configs, key=lambda c: c.kwargs.get("BM", 1) * c.kwargs["BN"])]
             mode = os.environ.get("LSAP_TRITON_AUTOTUNE")
