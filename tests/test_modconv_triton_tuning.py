@@ -124,9 +124,10 @@ def test_pruning_modes(monkeypatch, mode):
 
 
 def test_pruning_of_pixel_blocks_and_narrow_tiles(monkeypatch):
-    """2-D pixel tiles (TX columns) are kept where the image is at least TX wide, flat ones everywhere; the FIR
-    kernels' short list holds both kinds for the up-sampling layers' channel counts. Channel tiles narrower than 16
-    only where one spans every channel: the toRGB skip's 3 get 4-wide ones first, wider layers none."""
+    """2-D pixel tiles (TX columns) are kept where the image is at least TX wide, flat ones everywhere; the
+    elementwise kernels' short list holds both kinds for wide layers. Channel tiles narrower than 16 only where one
+    spans every channel: the toRGB skip's 3 get 4-wide ones first, wider layers none. The FIR pass's column strips
+    fit the map's width too."""
     monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", "")
     configs = triton_fwd.ew_configs()
     prune = triton_fwd.prune_mn("PIXELS", "Cout", "WO")
@@ -139,6 +140,9 @@ def test_pruning_of_pixel_blocks_and_narrow_tiles(monkeypatch):
     for cout, widths in ((3, [4, 4, 4, 16]), (5, [16, 16])):
         kept = prune(configs, {"PIXELS": 512 * 512, "Cout": cout, "WO": 512})
         assert [c.kwargs["BN"] for c in kept] == widths, cout
+    for wo in (8, 16, 1024):
+        kept = prune(triton_fwd.fir_configs(), {"PIXELS": wo * wo, "Cout": 512, "WO": wo})
+        assert kept and all(c.kwargs["TX"] <= wo for c in kept), wo
 
 
 def test_committed_table_names_real_kernels_and_blocks():
@@ -153,6 +157,6 @@ def test_committed_table_names_real_kernels_and_blocks():
             assert name in kernels, (device, name)
             params = set(kernels[name].arg_names)
             for key, config in rows:
-                assert set(config["kwargs"]) <= params and set(config["kwargs"]) <= {"BM", "BN", "BK", "TX"}, \
+                assert set(config["kwargs"]) <= params and set(config["kwargs"]) <= {"BM", "BN", "BK", "TX", "RY"}, \
                     (name, config)
                 assert config["num_warps"] in (1, 2, 4, 8, 16) and isinstance(key, list), (name, key)
