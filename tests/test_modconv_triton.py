@@ -211,6 +211,18 @@ def test_options(up, demodulate, noise, bias, noise_batch, activation, clamp, po
         assert (formula(**tensors, **{**opts, "clamp": None}).abs() > clamp).any()
 
 
+@pytest.mark.parametrize("up,cout", [(1, 1), (1, 4), (2, 3)])
+def test_few_output_channels(up, cout, poisoned):
+    """Cout <= 4 with a clamp, so z is stored too: up=1 runs the forward's epilogue on 4 of the MMA tile's columns
+    (NARROW), up=2 the FIR pass on a mostly masked channel tile."""
+    tensors = tensor_case(2, 5, cout, 6, 3, up, seed=31 + cout)
+    opts = dict(demodulate=True, activation="lrelu", clamp=0.3, up=up)
+    out, grads = run(tensors, opts, torch.float32)
+    ref_out, ref_grads = run_formula(tensors, opts)
+    assert_close(out, grads, ref_out, ref_grads, TOL[torch.float32])
+    assert (formula(**tensors, **{**opts, "clamp": None}).abs() > 0.3).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_low_precision(variant, dtype, poisoned):
