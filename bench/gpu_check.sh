@@ -11,8 +11,8 @@
 #   run(command="bash bench/gpu_check.sh tables", timeout_s=450) the per-layer tables the suite's headline run leaves
 #                                   out: bf16 at batch 1 and 64, then tf32 and fp32 at 16, 1, 64 (TABLES_ARGS to change)
 #   run(command="bash bench/gpu_check.sh ab", timeout_s=240)     kernel times of the large layers under each
-#                                   experiment switch (LSAP_TRITON_DGRAD_TX, LSAP_TRITON_PRESCALE_MIN_COUT; AB_SETTINGS
-#                                   adds more), to decide their defaults
+#                                   experiment switch (LSAP_TRITON_PRESCALE_MIN_COUT; AB_SETTINGS adds more), to decide
+#                                   their defaults (LSAP_TRITON_DGRAD_TX: tune_ab, which retunes each side)
 #   run(command="bash bench/gpu_check.sh tune_ab", timeout_s=300) the few-channel 1024²/512² layers retuned twice,
 #                                   flat and 16-wide 2-D data-gradient tiles (LSAP_TRITON_DGRAD_TX), every wide config
 #                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
@@ -115,7 +115,7 @@ if [ "$MODE" = ab ]; then
 echo "== A/B of the experiment switches (bench/profile_layers.py per setting, one process each)"
 # the first setting's process also autotunes the shapes the committed table lacks; the others reuse Triton's
 # on-disk autotuning cache where the kernel and key are the same
-for setting in default LSAP_TRITON_DGRAD_TX=16 LSAP_TRITON_PRESCALE_MIN_COUT=128 ${AB_SETTINGS:-}; do
+for setting in default LSAP_TRITON_PRESCALE_MIN_COUT=128 ${AB_SETTINGS:-}; do
   name=${setting//=/_}; mkdir -p "$OUT/ab/$name"
   env $([ "$setting" = default ] || echo "$setting") timeout "${AB_TIMEOUT:-70}" "$PY" bench/profile_layers.py \
     --layers convs.14 convs.15 to_rgbs.7 convs.13 convs.12 convs.11 convs.7 --out "$OUT/ab/$name" > /dev/null 2>&1
