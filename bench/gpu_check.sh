@@ -18,15 +18,28 @@
 #                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
+# Several modes: "bash bench/gpu_check.sh tests tune bench" runs them in order and packs their folders into
+# $OUT/gpu_check.tgz after each. SNCD_TIMEOUT=0, HOST_TIMEOUT=0, PROFILE_TIMEOUT=0 leave out the SNCD bench, the
+# host-time bench, the profiles.
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8; to run
 # several modes in one call, give each its own OUT and pack them into one archive under the real $OUT).
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
 # but no network: build in place with the machine's python.
-MODE=${1:-tests}
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
 mkdir -p "$OUT"
+# Several modes in one call (no idle device time between calls): each mode writes into its own folder, and all of
+# them are packed into $OUT/gpu_check.tgz after every mode, so a call cut short still brings back what ran.
+if [ $# -gt 1 ]; then
+  parts=/tmp/gpu_check_parts; rm -rf "$parts"
+  for mode in "$@"; do
+    mkdir -p "$parts/$mode"; OUT=$parts/$mode bash "$0" "$mode"
+    tar czf "$OUT/gpu_check.tgz.part" -C "$parts" . && mv "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz"
+  done
+  exit 0
+fi
+MODE=${1:-tests}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 {
@@ -70,16 +83,23 @@ echo -n "gpu-marked "; run_tests "${GPU_TESTS_TIMEOUT:-200}" "$OUT/tests_gpu.log
 echo -n "cuda/triton cases "; run_tests "${CASES_TIMEOUT:-150}" "$OUT/tests_gpu.log" $(workers 6) -k "cuda or triton" \
   -m "not gpu" tests --ignore tests/test_build.py
 grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
+if [ "${SNCD_TIMEOUT:-90}" != 0 ]; then  # 0: left out
 echo "== SNCD kernel launches by name (the op's own kernels vs PyTorch's), 2 batch sizes"
-timeout 90 "$PY" bench/bench_style.py --batches 1 256 --no-compile --out "$OUT" > /dev/null 2>&1
+timeout "${SNCD_TIMEOUT:-90}" "$PY" bench/bench_style.py --batches 1 256 --no-compile --out "$OUT" > /dev/null 2>&1
 echo "style bench exit $?"; grep -E "ours" "$OUT/style.md" | head -8
 fi
+fi
 if [ "$MODE" = bench ]; then
+if [ "${HOST_TIMEOUT:-60}" != 0 ]; then  # 0: left out
 echo "== host time per call (bench/bench_host_overhead.py: our call path vs the registered op, tiny shapes)"
 # ~2 ms per call on these hosts: 100 calls × 5 rounds per row fits the box (400 × 7 did not)
-timeout 60 "$PY" bench/bench_host_overhead.py --calls 100 --repeats 5 --out "$OUT" 2>&1 | grep -v "^wrote"
+timeout "${HOST_TIMEOUT:-60}" "$PY" bench/bench_host_overhead.py --calls 100 --repeats 5 --out "$OUT" 2>&1 \
+  | grep -v "^wrote"
+fi
+if [ "${PROFILE_TIMEOUT:-50}" != 0 ]; then  # 0: left out
 echo "== where the layers' time goes (bench/profile_layers.py: kernel times of the largest and the losing layers)"
-timeout 50 "$PY" bench/profile_layers.py --out "$OUT" > /dev/null 2>&1; echo "profile exit $?"
+timeout "${PROFILE_TIMEOUT:-50}" "$PY" bench/profile_layers.py --out "$OUT" > /dev/null 2>&1; echo "profile exit $?"
+fi
 echo "== benchmark suite (bench/suite.py: end to end, every layer, SNCD; writes suite.json/.md/.png into \$OUT)"
 # --budget-s: no new work after that; the suite rewrites its results after every task and on SIGTERM, so the
 # hard timeout still leaves what was measured. The suite covers bench_style.py's SNCD rows.
@@ -97,10 +117,12 @@ echo "tune exit $?"; tail -4 "$OUT/tune.log"; cat "$OUT/tune_modconv.md" 2>/dev/
 # this call's profile and this machine's later calls (through $TABLE_KEPT) use the new table; the session commits it
 # from $OUT
 cp "$OUT/triton_tuned.json" lsap_kernels/ops/modconv/ 2>/dev/null && cp "$OUT/triton_tuned.json" "$TABLE_KEPT"
+if [ "${PROFILE_TIMEOUT:-150}" != 0 ]; then  # 0: left out
 echo "== where the time goes, tuned (bench/profile_layers.py: the large layers, then one whole LSAP_O step)"
 # the step's first calls autotune every layer shape the table lacks (~90 s at 1024² without a table)
 timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_layers.py --step --out "$OUT" > /dev/null 2>&1
 echo "profile exit $?"; grep -A3 "^## One LSAP_O step" "$OUT/profile_layers.md" 2>/dev/null
+fi
 fi
 if [ "$MODE" = tables ]; then
 echo "== per-layer tables (bench/suite.py --sections modconv: batches 1 and 64 in bf16, then tf32 and fp32)"
