@@ -18,7 +18,8 @@
 #                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
-# Several modes: "bash bench/gpu_check.sh tests tune bench" runs them in order and packs their folders into
+# Several modes: "bash bench/gpu_check.sh tests tune bench" (the sixth session's first call: 418 s with
+# GPU_TESTS_TIMEOUT=100 CASES_TIMEOUT=65 TUNE_TIMEOUT=130 BENCH_TIMEOUT=135 SNCD_TIMEOUT=0) runs them in order and packs their folders into
 # $OUT/gpu_check.tgz after each. SNCD_TIMEOUT=0, HOST_TIMEOUT=0, PROFILE_TIMEOUT=0 leave out the SNCD bench, the
 # host-time bench, the profiles.
 # Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8; to run

@@ -34,25 +34,31 @@ def describe(config) -> str:
     return " ".join(f"{k}{v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
 
 
-def tuned_now(kernels: dict, before: dict) -> list[dict]:
-    """One row per (kernel, shape key) benchmarked since ``before`` ({kernel: (cache keys, configs_timings)}); each
-    kernel runs once per layer call, so its configs_timings belong to its one new key. A new key whose timings
-    object did not change came from the committed table."""
-    rows = []
+def record_benchmarks(kernels: dict) -> list[tuple]:
+    """Wrap each autotuner's run so that every benchmark is logged as (kernel, shape key, configs_timings) when it
+    happens: one layer call may tune one kernel at several keys (the FIR pass runs as the forward's epilogue and as
+    its adjoint), and the autotuner keeps only the last timings. A new key whose timings object did not change came
+    from the committed table."""
+    log = []
     for kname, kernel in kernels.items():
-        keys, old_timings = before[kname]
-        timings = getattr(kernel, "configs_timings", None)
-        new = set(kernel.cache) - keys
-        if not new or timings is None or timings is old_timings:
-            continue
-        assert len(new) == 1, (kname, new)
-        ms = {c: t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
-        best = min(ms, key=ms.get)
-        default = min(list(ms)[:4], key=ms.get)  # the wide lists extend the default ones: their first 4 fitting
-        rows.append(dict(kernel=kname, key=list(next(iter(new))), configs=len(ms), best=describe(best),
-                         best_ms=ms[best], first4_best=describe(default), first4_ms=ms[default],
-                         gain=ms[default] / ms[best], timings={describe(c): t for c, t in ms.items()}))
-    return rows
+        def recording(*args, _run=kernel.run, _kernel=kernel, _name=kname, **kwargs):
+            keys, timings = set(_kernel.cache), getattr(_kernel, "configs_timings", None)
+            launched = _run(*args, **kwargs)
+            new, now = set(_kernel.cache) - keys, getattr(_kernel, "configs_timings", None)
+            if new and now is not None and now is not timings:
+                log.append((_name, next(iter(new)), now))
+            return launched
+        kernel.run = recording  # the launch site looks run up on the instance
+    return log
+
+
+def benchmark_row(kname: str, key, timings: dict) -> dict:
+    ms = {c: t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
+    best = min(ms, key=ms.get)
+    default = min(list(ms)[:4], key=ms.get)  # the wide lists extend the default ones: their first 4 fitting
+    return dict(kernel=kname, key=list(key), configs=len(ms), best=describe(best), best_ms=ms[best],
+                first4_best=describe(default), first4_ms=ms[default], gain=ms[default] / ms[best],
+                timings={describe(c): t for c, t in ms.items()})
 
 
 def main(argv=None):
@@ -81,22 +87,23 @@ def main(argv=None):
     # largest first: a run cut short has tuned the layers that take the most device time
     names = args.layers or [s["layer"] for s in sorted(specs, key=lambda s: -s["res_out"]) if s["res_out"] >= 64]
     kernels = triton_tuning.autotuned_kernels()
+    benchmarks = record_benchmarks(kernels)
     device_name = torch.cuda.get_device_name()
     rows = []
     for name in names:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget: stopped before {name}")
             break
-        before = {k: (set(kernel.cache), getattr(kernel, "configs_timings", None)) for k, kernel in kernels.items()}
         call, spec = layer_call(g, name, args.batch, dtype, "cuda")
         t0 = time.perf_counter()
         call()  # every kernel this layer launches tunes its shape now (or finds it in the table)
         torch.cuda.synchronize()
         tune_s = time.perf_counter() - t0
-        rows += [dict(layer=name, **r) for r in tuned_now(kernels, before)]
+        rows += [dict(layer=name, **benchmark_row(*b)) for b in benchmarks]
+        benchmarks.clear()
         print(f"[{time.perf_counter() - t_start:6.0f}s] {name}: {tune_s:.1f} s", flush=True)
         table = triton_tuning.load_table()
-        table[device_name] = {**table.get(device_name, {}), **triton_tuning.export(kernels)}
+        table[device_name] = triton_tuning.merge(table.get(device_name, {}), triton_tuning.export(kernels))
         tmp = out / "triton_tuned.json.tmp"
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         tmp.replace(out / "triton_tuned.json")

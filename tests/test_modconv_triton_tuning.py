@@ -1,7 +1,9 @@
 """Committed Triton block configs (ops/modconv/triton_tuning.py): what an autotuner picked survives export → JSON →
 seed into a fresh autotuner, which then launches that config without benchmarking; and the pruning modes. Runs
 Triton's own Autotuner.run with its benchmark and launch replaced, so no GPU is needed."""
+import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +60,48 @@ def test_tuned_configs_survive_export_and_seed(monkeypatch):
     fresh._bench = lambda *args, config, **kwargs: [1.0 if config.kwargs["BLOCK"] == 16 else 3.0] * 3
     fresh.run(x, y, 41, grid=(2,))
     assert launched[-1]["BLOCK"] == 16
+
+
+def test_a_retuning_run_keeps_the_other_layers_entries(monkeypatch):
+    """What bench/tune_modconv.py writes after retuning some shapes: the committed entries of every other shape and
+    kernel stay, a retuned shape takes its new config."""
+    tuner, _ = autotuner(monkeypatch, {16: 2.0, 32: 1.0})
+    x, y = torch.randn(40), torch.empty(40)
+    for n in (40, 7):
+        tuner.run(x[:n], y[:n], n, grid=(1,))
+    committed = json.loads(json.dumps({**triton_tuning.export({"copy": tuner}), "other": [[[3], {"kwargs": {}}]]}))
+    retuned, _ = autotuner(monkeypatch, {16: 1.0, 32: 2.0})
+    for n in (40, 9):
+        retuned.run(x[:n], y[:n], n, grid=(1,))
+    merged = triton_tuning.merge(committed, json.loads(json.dumps(triton_tuning.export({"copy": retuned}))))
+    assert merged["other"] == committed["other"]
+    assert {key[0]: config["kwargs"]["BLOCK"] for key, config in merged["copy"]} == {40: 16, 7: 32, 9: 16}
+    assert merged == triton_tuning.merge(merged, {})
+
+
+def test_tuning_tool_logs_every_benchmark_of_a_call(monkeypatch):
+    """bench/tune_modconv.py logs every shape a kernel benchmarks within one layer call (the FIR pass tunes its
+    forward and its adjoint key in one call), each with its own timings, and nothing for a shape the table seeded."""
+    monkeypatch.setenv("LSAP_TRITON_AUTOTUNE", "wide")  # the tool sets it at import; restored after the test
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    tune_modconv = importlib.import_module("tune_modconv")
+    tuner, _ = autotuner(monkeypatch, {16: 2.0, 32: 1.0})
+    log = tune_modconv.record_benchmarks({"copy": tuner})
+    x, y = torch.randn(41), torch.empty(41)
+    tuner.run(x, y, 40, grid=(2,))
+    tuner._bench = lambda *args, config, **kwargs: [1.0 if config.kwargs["BLOCK"] == 16 else 3.0] * 3
+    tuner.run(x, y, 41, grid=(2,))
+    tuner.run(x, y, 40, grid=(2,))  # known now: no benchmark
+    rows = [tune_modconv.benchmark_row(*entry) for entry in log]
+    assert [(r["kernel"], r["key"][0], r["best"], r["best_ms"], r["configs"]) for r in rows] == [
+        ("copy", 40, "BLOCK32 w4 s3", 1.0, 2), ("copy", 41, "BLOCK16 w2 s2", 1.0, 2)]
+    assert rows[1]["timings"] == {"BLOCK16 w2 s2": 1.0, "BLOCK32 w4 s3": 3.0}
+
+    fresh, _ = autotuner(monkeypatch, None)
+    triton_tuning.seed(json.loads(json.dumps(triton_tuning.export({"copy": tuner}))), {"copy": fresh})
+    log = tune_modconv.record_benchmarks({"copy": fresh})
+    fresh.run(x, y, 41, grid=(2,))
+    assert log == []
 
 
 def test_cached_autotuner_launches_the_autotuners_choice(monkeypatch):

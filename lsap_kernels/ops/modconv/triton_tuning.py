@@ -42,6 +42,16 @@ def export(kernels: dict | None = None) -> dict:
             for name, k in kernels.items() if k.cache}
 
 
+def merge(entries: dict, newer: dict) -> dict:
+    """One device's table entries with ``newer``'s added, a shape key in both taking ``newer``'s config (a retuning
+    run of a few layers keeps every other layer's entries)."""
+    out = {}
+    for name in sorted(set(entries) | set(newer)):
+        rows = {json.dumps(key): [key, config] for key, config in entries.get(name, []) + newer.get(name, [])}
+        out[name] = sorted(rows.values(), key=lambda row: str(tuple(row[0])))
+    return out
+
+
 def seed(entries: dict, kernels: dict | None = None) -> int:
     """Put a device's table entries into the autotuners' caches (entries found by autotuning in this process are
     kept). Returns how many were added."""
