@@ -18,12 +18,11 @@
 #                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
-# Several modes: "bash bench/gpu_check.sh tests tune bench" (the sixth session's first call: 418 s with
-# GPU_TESTS_TIMEOUT=100 CASES_TIMEOUT=65 TUNE_TIMEOUT=130 BENCH_TIMEOUT=135 SNCD_TIMEOUT=0) runs them in order and packs their folders into
-# $OUT/gpu_check.tgz after each. SNCD_TIMEOUT=0, HOST_TIMEOUT=0, PROFILE_TIMEOUT=0 leave out the SNCD bench, the
-# host-time bench, the profiles.
-# Logs and results go under $OUT (the device tool brings back at most 8 files: each mode writes at most 8; to run
-# several modes in one call, give each its own OUT and pack them into one archive under the real $OUT).
+# Several modes in one call: "bash bench/gpu_check.sh tests tune bench" runs them in order and packs their folders
+# into $OUT/gpu_check.tgz after each (the sixth session's first call: 418 s with GPU_TESTS_TIMEOUT=100
+# CASES_TIMEOUT=65 TUNE_TIMEOUT=130 BENCH_TIMEOUT=135 SNCD_TIMEOUT=0). SNCD_TIMEOUT=0, HOST_TIMEOUT=0 and
+# PROFILE_TIMEOUT=0 leave out the SNCD bench, the host-time bench and the profiles.
+# Logs and results go under $OUT (the device tool brings back at most 8 files; each mode writes at most 8).
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
 # but no network: build in place with the machine's python.
 set -uo pipefail
