@@ -329,16 +329,20 @@ def test_prepare_weight_matches_torch(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_demodulation_matches_torch(dtype):
-    """d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against float64: channel counts across the tile edges, the
-    styles a strided view read in place."""
-    from lsap_kernels.ops.modconv.triton_fwd import demodulation
-    gen = torch.Generator().manual_seed(3)
-    styles = torch.randn(3, 2 * 70, generator=gen).to(DEVICE, dtype)[:, ::2]
-    q = torch.rand(37, 70, generator=gen).to(DEVICE)
-    d = demodulation(styles, q, 0.3, 1e-8)
-    ref = torch.rsqrt((styles.double() * 0.3).square() @ q.double().t() + 1e-8)
-    assert d.dtype == torch.float32 and rel_err(d, ref) < 1e-6
+@pytest.mark.parametrize("batch", [3, 70])
+def test_weight_and_demodulation_match_torch(batch, dtype):
+    """The forward's weight copy and d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against torch and float64: the copy
+    bit-equal (written once however many passes over the batch: 70 samples take two), channel counts across the tile
+    edges, the styles a strided view read in place."""
+    from lsap_kernels.ops.modconv.triton_fwd import weight_and_demodulation
+    gen = torch.Generator().manual_seed(batch)
+    weight = torch.randn(37, 70, 3, 3, generator=gen).to(DEVICE, dtype)
+    styles = torch.randn(batch, 2 * 70, generator=gen).to(DEVICE, dtype)[:, ::2]
+    w_io, d = weight_and_demodulation(weight, styles, 0.3, 1e-8)
+    assert torch.equal(w_io, weight.permute(2, 3, 1, 0))
+    q = weight.double().square().sum((2, 3))
+    ref = torch.rsqrt((styles.double() * 0.3).square() @ q.t() + 1e-8)
+    assert d.dtype == torch.float32 and d.shape == (batch, 37) and rel_err(d, ref) < 1e-6
 
 
 @pytest.mark.parametrize("tiles, demodulate, dtype", [(1, True, torch.float32), (40, True, torch.float32),
@@ -508,7 +512,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                              BN=32, BK=32, TX=16, **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, TX=32, BN=32, RY=16, **FLAGS)),
         (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
-        (F._demod_kernel, "bf16", dict(BO=32, BI=64)),
+        (F._weight_demod_kernel, "bf16", dict(KK=9, BO=16, BI=64, BB=16)),
         (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True,
                                               WANT_BIAS=True, STORE_GN=True, WANT_STRENGTH=True, BM=64, BN=64,
                                               **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),

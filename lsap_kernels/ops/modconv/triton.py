@@ -3,9 +3,9 @@ with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
 
 The forward op returns (out, conv_out, d): conv_out is z, the conv output before the epilogue (for up=2 the blurred
 transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else empty; d
-the fp32 demodulation coefficients. Q = Σ_taps W² [Cout, Cin] comes with the GEMM's taps-major copy of W from one
-small kernel (prepare_weight), d = rsqrt((s·g)² @ Qᵀ + eps) from another (fp32); the kernels scale the styles by g
-as they read them, and the backward's per-tile partial sums end in one small kernel too (the styles' gradient), so
+the fp32 demodulation coefficients. The GEMM's taps-major copy of W and d = rsqrt((s·g)² @ Qᵀ + eps) (fp32,
+Q = Σ_taps W² [Cout, Cin]) come from one small kernel (weight_and_demodulation; the backward's copy and Q from
+prepare_weight); the kernels scale the styles by g as they read them, and the backward's per-tile partial sums end in one small kernel too (the styles' gradient), so
 a layer costs few launches: a small layer's time on a GPU is host time.
 
 fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
@@ -52,8 +52,10 @@ if triton is not None:
                    eps: float, tf32: bool, z_from_out: bool) -> tuple[Tensor, Tensor, Tensor]:
         triton_tuning.seed_for(x.device)
         with _on_device(x):
-            w_t, q = triton_fwd.prepare_weight(weight, io=True, want_q=demodulate)
-            d = triton_fwd.demodulation(styles, q, weight_gain, eps) if demodulate else None
+            if demodulate:
+                w_t, d = triton_fwd.weight_and_demodulation(weight, styles, weight_gain, eps)
+            else:
+                (w_t, _), d = triton_fwd.prepare_weight(weight, io=True, want_q=False), None
             out, conv_out = triton_fwd.forward(x, w_t, styles, weight_gain, d, noise, noise_strength, bias, skip, up,
                                                demodulate, lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
         return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)

@@ -349,21 +349,32 @@ if triton is not None:
             tl.store(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], q, mask=mask)
 
     @triton.jit
-    def _demod_kernel(s_ptr, q_ptr, d_ptr, Cin, Cout, ssb, ssi, wgain, eps, BO: tl.constexpr, BI: tl.constexpr):
-        """d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps) in fp32, for BO channels of sample b; the per-element
-        products accumulate in a [BO, BI] tile reduced once at the end (a fixed order: the same bits every run)."""
-        b = tl.program_id(0).to(tl.int64)
-        offs_o = tl.program_id(1) * BO + tl.arange(0, BO)
+    def _weight_demod_kernel(w_ptr, wt_ptr, s_ptr, d_ptr, B, Cout, Cin, ssb, ssi, wgain, eps, KK: tl.constexpr,
+                             BO: tl.constexpr, BI: tl.constexpr, BB: tl.constexpr):
+        """The forward's weight prep and demodulation for BO output channels, in one launch: W [Cout, Cin, KK] ->
+        W [KK, Cin, Cout] (written in the first pass) and d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps), Q = Σ_t W²,
+        fp32, BB samples per pass over W (Q is recomputed per pass rather than stored: W comes from L2). Each sum
+        runs in one fixed order: the same bits every run."""
+        offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
         mask_o = offs_o < Cout
-        acc = tl.zeros([BO, BI], dtype=tl.float32)
-        for i0 in range(0, Cin, BI):
-            offs_i = i0 + tl.arange(0, BI)
-            mask_i = offs_i < Cin
-            s = tl.load(s_ptr + b * ssb + offs_i * ssi, mask=mask_i, other=0.0).to(tl.float32) * wgain
-            q = tl.load(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
-                        other=0.0)
-            acc += q * (s * s)[None, :]
-        tl.store(d_ptr + b * Cout + offs_o, tl.rsqrt(tl.sum(acc, axis=1) + eps), mask=mask_o)
+        for b0 in range(0, B, BB):
+            offs_b = b0 + tl.arange(0, BB)
+            mask_b = offs_b < B
+            acc = tl.zeros([BB, BO], dtype=tl.float32)
+            for i0 in range(0, Cin, BI):
+                offs_i = i0 + tl.arange(0, BI)
+                mask_i = offs_i < Cin
+                mask = mask_o[:, None] & mask_i[None, :]
+                q = tl.zeros([BO, BI], dtype=tl.float32)
+                for t in tl.static_range(KK):
+                    v = tl.load(w_ptr + (offs_o[:, None] * Cin + offs_i[None, :]) * KK + t, mask=mask, other=0.0)
+                    q += v.to(tl.float32) * v.to(tl.float32)
+                    tl.store(wt_ptr + (t * Cin + offs_i[None, :]) * Cout + offs_o[:, None], v, mask=mask & (b0 == 0))
+                s = tl.load(s_ptr + offs_b.to(tl.int64)[:, None] * ssb + offs_i[None, :] * ssi,
+                            mask=mask_b[:, None] & mask_i[None, :], other=0.0).to(tl.float32) * wgain
+                acc = tl.dot(s * s, tl.trans(q), acc, input_precision="ieee")
+            tl.store(d_ptr + offs_b.to(tl.int64)[:, None] * Cout + offs_o[None, :], tl.rsqrt(acc + eps),
+                     mask=mask_b[:, None] & mask_o[None, :])
 
     @triton.jit
     def _prescale_kernel(x_ptr, s_ptr, u_ptr, Cin, W, PIXELS, sxb, sxc, sxh, sxw, ssb, ssi, wgain,
@@ -498,16 +509,20 @@ def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool):
     return w_taps, q
 
 
-def demodulation(styles: torch.Tensor, q: torch.Tensor, weight_gain: float, eps: float) -> torch.Tensor:
-    """d = rsqrt((s·g)² @ Qᵀ + eps), fp32 [B, Cout], in one launch (torch took five small ops: a cast, two
-    products, a matmul, the rsqrt)."""
-    batch, cin = styles.shape
-    cout = q.shape[0]
-    d = torch.empty((batch, cout), dtype=torch.float32, device=styles.device)
-    bo = 16 if INTERPRET else 32
-    _demod_kernel[(batch, triton.cdiv(cout, bo))](styles, q, d, cin, cout, *styles.stride(), float(weight_gain),
-                                                 float(eps), BO=bo, BI=64)
-    return d
+def weight_and_demodulation(weight: torch.Tensor, styles: torch.Tensor, weight_gain: float, eps: float):
+    """The forward's (W taps-major [k, k, Cin, Cout], d = rsqrt((s·g)² @ Qᵀ + eps) fp32 [B, Cout]) in one launch
+    (prepare_weight and a demodulation kernel took two: a small layer's time on a GPU is host time per launch)."""
+    cout, cin, k, _ = weight.shape
+    batch = styles.shape[0]
+    weight = weight.contiguous()
+    w_taps = torch.empty((k, k, cin, cout), dtype=weight.dtype, device=weight.device)
+    d = torch.empty((batch, cout), dtype=torch.float32, device=weight.device)
+    # 16 channels a program: 32 programs at 512 channels, each reading 16·Cin·k² weights per pass over the batch in
+    # 64-channel chunks (the k² tap loads of a chunk in flight together); up to 64 samples a pass
+    bb = min(64, max(16, triton.next_power_of_2(batch)))
+    _weight_demod_kernel[(triton.cdiv(cout, 16),)](weight, w_taps, styles, d, batch, cout, cin, *styles.stride(),
+                                                   float(weight_gain), float(eps), KK=k * k, BO=16, BI=64, BB=bb)
+    return w_taps, d
 
 
 # Layers with at least this many output channels get x·s·g from one elementwise pass (2 bytes per element read and
