@@ -5,8 +5,9 @@ The forward op returns (out, conv_out, d): conv_out is z, the conv output before
 transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else empty; d
 the fp32 demodulation coefficients. The GEMM's taps-major copy of W and d = rsqrt((s·g)² @ Qᵀ + eps) (fp32,
 Q = Σ_taps W² [Cout, Cin]) come from one small kernel (weight_and_demodulation; the backward's copy and Q from
-prepare_weight); the kernels scale the styles by g as they read them, and the backward's per-tile partial sums end in one small kernel too (the styles' gradient), so
-a layer costs few launches: a small layer's time on a GPU is host time.
+prepare_weight); the kernels scale the styles by g as they read them, and the backward's per-tile partial sums
+end in one small kernel too (the styles' gradient), so a layer costs few launches: a small layer's time on a GPU is
+host time.
 
 fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
 the 16-bit inputs with fp32 accumulation. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).

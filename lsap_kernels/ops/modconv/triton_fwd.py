@@ -352,9 +352,9 @@ if triton is not None:
     def _weight_demod_kernel(w_ptr, wt_ptr, s_ptr, d_ptr, B, Cout, Cin, ssb, ssi, wgain, eps, KK: tl.constexpr,
                              BO: tl.constexpr, BI: tl.constexpr, BB: tl.constexpr):
         """The forward's weight prep and demodulation for BO output channels, in one launch: W [Cout, Cin, KK] ->
-        W [KK, Cin, Cout] (written in the first pass) and d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps), Q = Σ_t W²,
-        fp32, BB samples per pass over W (Q is recomputed per pass rather than stored: W comes from L2). Each sum
-        runs in one fixed order: the same bits every run."""
+        W [KK, Cin, Cout] (written in the first pass) and d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps) with
+        Q = Σ_t W², fp32, BB samples per pass over W (Q is recomputed per pass rather than stored: W comes from L2).
+        Each sum runs in one fixed order: the same bits every run."""
         offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
         mask_o = offs_o < Cout
         for b0 in range(0, B, BB):
