@@ -4,10 +4,10 @@
 # at once and it reuses the build; each call gets a fresh copy of the tree, so files written into it do not carry
 # over: see TABLE_KEPT). Order used so far: tests, then tune or tune_ab, then bench or tables.
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
-#   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call, the suite (bench/suite.py)
-#   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit
-#                                   $OUT/triton_tuned.json to lsap_kernels/ops/modconv/), then a profile of the large
-#                                   layers and of one whole LSAP_O step
+#   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call and where it goes, the suite
+#   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit the
+#                                   archive's tune/triton_tuned.json to lsap_kernels/ops/modconv/), then a profile
+#                                   of the large layers and of one whole LSAP_O step
 #   run(command="bash bench/gpu_check.sh tables", timeout_s=450) the per-layer tables the suite's headline run leaves
 #                                   out: bf16 at batch 1 and 64, then tf32 and fp32 at 16, 1, 64 (TABLES_ARGS to change)
 #   run(command="bash bench/gpu_check.sh ab", timeout_s=240)     kernel times of the large layers under each
@@ -15,31 +15,32 @@
 #                                   their defaults (LSAP_TRITON_DGRAD_TX: tune_ab, which retunes each side)
 #   run(command="bash bench/gpu_check.sh tune_ab", timeout_s=300) the few-channel 1024²/512² layers retuned twice,
 #                                   flat and 16-wide 2-D data-gradient tiles (LSAP_TRITON_DGRAD_TX), every wide config
-#                                   (the forward's 2-D ones too): $OUT/tx0 and $OUT/tx16, tune_modconv.md each
+#                                   (the forward's 2-D ones too): tx0/ and tx16/, tune_modconv.md each
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Several modes in one call: "bash bench/gpu_check.sh tests tune bench" runs them in order and packs their folders
 # into $OUT/gpu_check.tgz after each (the sixth session's first call: 418 s with GPU_TESTS_TIMEOUT=100
 # CASES_TIMEOUT=65 TUNE_TIMEOUT=130 BENCH_TIMEOUT=135 SNCD_TIMEOUT=0). SNCD_TIMEOUT=0, HOST_TIMEOUT=0 and
 # PROFILE_TIMEOUT=0 leave out the SNCD bench, the host-time bench and the profiles.
-# Logs and results go under $OUT (the device tool brings back at most 8 files; each mode writes at most 8).
+# Logs and results come back in $OUT/gpu_check.tgz, a folder per mode.
 # Phases are time-boxed and ordered by what only a GPU can check. The GPU hosts have torch+CUDA, triton and pytest
 # but no network: build in place with the machine's python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
 mkdir -p "$OUT"
-# Several modes in one call (no idle device time between calls): each mode writes into its own folder, and all of
-# them are packed into $OUT/gpu_check.tgz after every mode, so a call cut short still brings back what ran.
-if [ $# -gt 1 ]; then
+# Each mode writes into its own folder, and all of them are packed into $OUT/gpu_check.tgz after every mode: one
+# file comes back however many a mode writes, and a call cut short still brings back the modes that ended. Several
+# modes may run in one call (no idle device time between calls).
+if [ -z "${GPU_CHECK_MODE_RUN:-}" ]; then
   parts=/tmp/gpu_check_parts; rm -rf "$parts"
-  for mode in "$@"; do
-    mkdir -p "$parts/$mode"; OUT=$parts/$mode bash "$0" "$mode"
+  for mode in "${@:-tests}"; do
+    mkdir -p "$parts/$mode"; OUT=$parts/$mode GPU_CHECK_MODE_RUN=1 bash "$0" "$mode"
     tar czf "$OUT/gpu_check.tgz.part" -C "$parts" . && mv "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz"
   done
   exit 0
 fi
-MODE=${1:-tests}
+MODE=$1
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 {
@@ -53,7 +54,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 echo "== build"
-# the build log comes back only when the build fails (the device tool returns at most 8 files)
+# the build log is kept only when the build fails
 if ! timeout 240 env LSAP_REQUIRE_EXT=1 MAX_JOBS=16 "$PY" setup.py build_ext --inplace > /tmp/lsap_build.log 2>&1; then
   cp /tmp/lsap_build.log "$OUT/build.log"; tail -60 "$OUT/build.log"; exit 1
 fi
@@ -95,6 +96,8 @@ echo "== host time per call (bench/bench_host_overhead.py: our call path vs the 
 # ~2 ms per call on these hosts: 100 calls × 5 rounds per row fits the box (400 × 7 did not)
 timeout "${HOST_TIMEOUT:-60}" "$PY" bench/bench_host_overhead.py --calls 100 --repeats 5 --out "$OUT" 2>&1 \
   | grep -v "^wrote"
+echo "== where a small layer's host time goes (bench/profile_host.py: cProfile, Triton launches per call)"
+timeout "${HOST_TIMEOUT:-60}" "$PY" bench/profile_host.py --calls 100 --out "$OUT" 2>&1 | grep -v "^wrote"
 fi
 if [ "${PROFILE_TIMEOUT:-50}" != 0 ]; then  # 0: left out
 echo "== where the layers' time goes (bench/profile_layers.py: kernel times of the largest and the losing layers)"
@@ -153,7 +156,7 @@ for tx in 0 16; do
   LSAP_TRITON_DGRAD_TX=$tx TRITON_CACHE_DIR=/tmp/triton_cache_tx$tx timeout "${TUNE_AB_TIMEOUT:-130}" "$PY" \
     bench/tune_modconv.py --retune --layers ${TUNE_AB_LAYERS:-convs.15 to_rgbs.7 convs.13} --out "$OUT/tx$tx" \
     --budget-s 100 > "$OUT/tx$tx/tune.log" 2>&1
-  echo "DGRAD_TX=$tx: exit $?"; rm -f "$OUT/tx$tx/triton_tuned.json"  # not for committing (8 files come back)
+  echo "DGRAD_TX=$tx: exit $?"; rm -f "$OUT/tx$tx/triton_tuned.json"  # not for committing
   grep -E "_dgrad_kernel|_modconv_fwd_kernel" "$OUT/tx$tx/tune_modconv.md" | cut -c1-120
 done
 fi
