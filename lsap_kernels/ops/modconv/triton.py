@@ -56,7 +56,7 @@ if triton is not None:
             if demodulate:
                 w_t, d = triton_fwd.weight_and_demodulation(weight, styles, weight_gain, eps)
             else:
-                (w_t, _), d = triton_fwd.prepare_weight(weight, io=True, want_q=False), None
+                w_t, d = triton_fwd.prepare_weight(weight, io=True, want_q=False)  # d: None without want_q
             out, conv_out = triton_fwd.forward(x, w_t, styles, weight_gain, d, noise, noise_strength, bias, skip, up,
                                                demodulate, lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
         return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)
