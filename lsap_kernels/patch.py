@@ -20,7 +20,7 @@ from torch import nn
 
 from . import backends
 from .models import stylegan2 as ours
-from .ops.modconv import modulated_conv2d
+from .ops.modconv import as_parameter, modulated_conv2d
 from .ops.modconv.reference import fir_kernel
 
 PATCHABLE = ("StyledConv", "ToRGB", "ModulatedConv2d")
@@ -170,9 +170,9 @@ _PROBLEM = {"StyledConv": _styled_conv_problem, "ToRGB": _to_rgb_problem, "Modul
 
 # ---- the fused forwards (set as instance methods of the patched modules) -------------------------------------------
 def _conv_inputs(conv: nn.Module, x: torch.Tensor, style: torch.Tensor):
-    """(x, weight, styles) and the conv's keyword arguments; parameters follow the activations' dtype."""
+    """(x, weight, styles) and the conv's keyword arguments; parameters as modulated_conv2d takes them next to x."""
     dt = x.dtype
-    return ((x, conv.weight[0].to(dt), conv.modulation(style).to(dt)),
+    return ((x, as_parameter(conv.weight[0], dt), as_parameter(conv.modulation(style), dt)),
             dict(weight_gain=conv.scale, demodulate=conv.demodulate, up=2 if conv.upsample else 1, eps=DEMOD_EPS))
 
 
@@ -188,8 +188,9 @@ def _styled_conv_forward(self, input, style, noise=None):
         b, _, h, w = input.shape
         noise = input.new_empty(b, 1, h * kw["up"], w * kw["up"]).normal_()
     bias = self.activate.bias
-    return modulated_conv2d(*args, **kw, noise=noise.to(dt), noise_strength=self.noise.weight.to(dt),
-                            bias=None if bias is None else bias.to(dt), activation="lrelu",
+    return modulated_conv2d(*args, **kw, noise=as_parameter(noise, dt),
+                            noise_strength=as_parameter(self.noise.weight, dt),
+                            bias=None if bias is None else as_parameter(bias, dt), activation="lrelu",
                             gain=float(self.activate.scale), backend=getattr(self, _STATE).backend)
 
 
@@ -200,7 +201,7 @@ def _to_rgb_forward(self, input, style, skip=None):
                          f"(rosinality's forward fails here too); skip {tuple(skip.shape)}")
     args, kw = _conv_inputs(self.conv, input, style)
     dt = input.dtype
-    return modulated_conv2d(*args, **kw, bias=self.bias.view(-1).to(dt), activation="linear",
+    return modulated_conv2d(*args, **kw, bias=as_parameter(self.bias.view(-1), dt), activation="linear",
                             skip=None if skip is None else skip.to(dt), backend=state.backend)
 
 

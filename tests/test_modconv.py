@@ -139,8 +139,17 @@ def test_bad_inputs_are_named():
         L.modulated_conv2d(x, w[:, :3], s)
     with pytest.raises(ValueError, match=r"styles must have shape \[2, 4\]"):
         L.modulated_conv2d(x, w, s[:1])
-    with pytest.raises(TypeError, match="styles must have dtype torch.float64 like the other inputs"):
+    with pytest.raises(TypeError, match=r"styles must have dtype torch.float64 \(x has torch.float64\), got shape "
+                                        r"\(2, 4\), dtype torch.float32"):
         L.modulated_conv2d(x, w, s.float())
+    half = x.to(torch.bfloat16)  # 16-bit activations take float32 parameters, no other dtype
+    with pytest.raises(TypeError, match=r"weight must have dtype torch.bfloat16 or torch.float32 \(x has "
+                                        r"torch.bfloat16\), got shape \(5, 4, 3, 3\), dtype torch.float16"):
+        L.modulated_conv2d(half, w.half(), s.float())
+    with pytest.raises(TypeError, match=r"bias must have dtype torch.bfloat16 or torch.float32"):
+        L.modulated_conv2d(half, w.float(), s.float(), bias=kw["bias"])
+    with pytest.raises(TypeError, match=r"skip must have dtype torch.bfloat16 \(x has torch.bfloat16\)"):
+        L.modulated_conv2d(half, w.float(), s.float(), skip=torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match=r"noise must have shape \[2 or 1, 1, 12, 12\]"):
         L.modulated_conv2d(x, w, s, up=2, noise=kw["noise"])
     with pytest.raises(ValueError, match=r"bias must have shape \[5\]"):

@@ -247,6 +247,59 @@ def test_low_precision(variant, dtype, poisoned):
     assert_close(out, grads, ref_out, ref_grads, TOL[dtype])
 
 
+ACTIVATIONS_16 = ("x", "skip")  # in the 16-bit dtype; the other inputs are parameters, float32
+
+
+class _LaunchDtypes:
+    """Stands in for a kernel and records, per launch, the dtype of each tensor argument by name."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            self.launches.append({n: v.dtype for n, v in named.items() if isinstance(v, torch.Tensor)})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_parameters_with_16bit_activations(variant, dtype, backend, monkeypatch, poisoned):
+    """Mixed precision as the bf16 Generator runs it: x and skip in 16 bits, weight, styles, noise, its strength and
+    bias float32 (the triton kernels read them as they are; the public op casts them for the reference). Output and
+    the activations' gradients in x's dtype, every parameter's gradient float32, all within 2e-2 of the float64
+    formula on the same inputs (x rounded to 16 bits, the parameters not); the slope as in test_low_precision; the
+    GEMMs' weight copies in x's dtype."""
+    from lsap_kernels.ops.modconv import triton_fwd
+    fwd, dgrad = _LaunchDtypes(triton_fwd._modconv_fwd_kernel), _LaunchDtypes(triton_bwd._dgrad_kernel)
+    monkeypatch.setattr(triton_fwd, "_modconv_fwd_kernel", fwd)
+    monkeypatch.setattr(triton_bwd, "_dgrad_kernel", dgrad)
+    k, skip, opts = split_variant(variant)
+    tensors = tensor_case(2, 20, 9, 6, k, opts["up"], skip=skip, seed=5)
+    tensors = {n: t.to(dtype if n in ACTIVATIONS_16 else torch.float32).double() for n, t in tensors.items()}
+    leaves = {n: t.to(DEVICE, dtype if n in ACTIVATIONS_16 else torch.float32).requires_grad_(True)
+              for n, t in tensors.items()}
+    out = L.modulated_conv2d(leaves["x"], leaves["weight"], leaves["styles"],
+                             **{n: leaves[n] for n in leaves if n not in ("x", "weight", "styles")}, **opts,
+                             backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(g.to(DEVICE, dtype))
+    assert out.dtype == dtype
+    for n, t in leaves.items():
+        assert t.grad is not None and t.grad.dtype == t.dtype, (n, t.grad)
+    positive = out.detach() > 0 if opts.get("activation", "lrelu") == "lrelu" else None
+    ref_out, ref_grads = run_formula(tensors, opts, grad_dtype=dtype, slope_positive=positive)
+    errs = {"out": rel_err(out, ref_out), **{n: rel_err(t.grad, ref_grads[n]) for n, t in leaves.items()}}
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+    # both GEMM operands in x's dtype, as tl.dot needs on a GPU (the interpreter upcasts them: it would not fail)
+    if backend == "triton":
+        assert [(a["x_ptr"], a["w_ptr"]) for a in fwd.launches] == [(dtype, dtype)]
+        assert [(a["gz_ptr"], a["w_ptr"]) for a in dgrad.launches] == [(dtype, dtype)]
+
+
 class _Launches:
     """Stands in for a kernel and counts its launches."""
 
@@ -313,33 +366,47 @@ def test_strided_inputs(layout):
                  TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def kernel_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` converted to ``dtype`` as a kernel converts it: rounded to nearest even on a GPU (torch's cast), but
+    truncated where Triton 3.6's interpreter narrows fp32 to bf16 (it drops the low 16 bits)."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and dtype == torch.bfloat16:
+        return (t.view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: the low bits are zero
+    return t.to(dtype)
+
+
+# (parameters' dtype, activations' dtype): the copy is made in the activations' (fp32 weights of a bf16 layer)
+WEIGHT_COPY_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                      (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("dtype, copy_dtype", WEIGHT_COPY_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(17, 5, 3), (3, 33, 1), (1, 1, 5)], ids=lambda s: "x".join(map(str, s)))
-def test_prepare_weight_matches_torch(shape, dtype):
-    """The one-pass weight prep: taps-major copies (both GEMM layouts) bit-equal to torch's permute, Q = Σ_taps W²
-    in fp32; channel counts across the tile edges, k = 1, 3, 5."""
+def test_prepare_weight_matches_torch(shape, dtype, copy_dtype):
+    """The one-pass weight prep: taps-major copies (both GEMM layouts) bit-equal to torch's permute and the kernels'
+    cast (kernel_cast), Q = Σ_taps W² in fp32 from W as given; channel counts across the tile edges, k = 1, 3, 5."""
     from lsap_kernels.ops.modconv.triton_fwd import prepare_weight
     cout, cin, k = shape
     weight = torch.randn(cout, cin, k, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, dtype)
-    w_io, q = prepare_weight(weight, io=True, want_q=True)
-    w_oi, none = prepare_weight(weight, io=False, want_q=False)
-    assert torch.equal(w_io, weight.permute(2, 3, 1, 0)) and torch.equal(w_oi, weight.permute(2, 3, 0, 1))
+    w_io, q = prepare_weight(weight, io=True, want_q=True, dtype=copy_dtype)
+    w_oi, none = prepare_weight(weight, io=False, want_q=False, dtype=copy_dtype)
+    cast = kernel_cast(weight, copy_dtype)
+    assert torch.equal(w_io, cast.permute(2, 3, 1, 0)) and torch.equal(w_oi, cast.permute(2, 3, 0, 1))
     assert none is None and q.dtype == torch.float32
     assert rel_err(q, weight.double().square().sum((2, 3))) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, copy_dtype", WEIGHT_COPY_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [3, 70])
-def test_weight_and_demodulation_match_torch(batch, dtype):
+def test_weight_and_demodulation_match_torch(batch, dtype, copy_dtype):
     """The forward's weight copy and d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against torch and float64: the copy
-    bit-equal (written once however many passes over the batch: 70 samples take two), channel counts across the tile
-    edges, the styles a strided view read in place."""
+    bit-equal to the kernels' cast (written once however many passes over the batch: 70 samples take two), channel counts
+    across the tile edges, the styles a strided view read in place."""
     from lsap_kernels.ops.modconv.triton_fwd import weight_and_demodulation
     gen = torch.Generator().manual_seed(batch)
     weight = torch.randn(37, 70, 3, 3, generator=gen).to(DEVICE, dtype)
     styles = torch.randn(batch, 2 * 70, generator=gen).to(DEVICE, dtype)[:, ::2]
-    w_io, d = weight_and_demodulation(weight, styles, 0.3, 1e-8)
-    assert torch.equal(w_io, weight.permute(2, 3, 1, 0))
+    w_io, d = weight_and_demodulation(weight, styles, 0.3, 1e-8, copy_dtype)
+    assert torch.equal(w_io, kernel_cast(weight, copy_dtype).permute(2, 3, 1, 0))
     q = weight.double().square().sum((2, 3))
     ref = torch.rsqrt((styles.double() * 0.3).square() @ q.t() + 1e-8)
     assert d.dtype == torch.float32 and d.shape == (batch, 37) and rel_err(d, ref) < 1e-6
@@ -368,11 +435,13 @@ def test_style_gradient_matches_torch(tiles, demodulate, dtype):
 
 # ---- custom op, autograd, backend registry -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant, z_from_out", [(v, False) for v in VARIANTS] + [("3x3", True), ("3x3-up2", True)])
-def test_opcheck(variant, z_from_out):
-    """Both ops; with a clamp the forward stores z, without one (z_from_out) the backward reads the output."""
+@pytest.mark.parametrize("variant, z_from_out, mixed", [(v, False, False) for v in VARIANTS]
+                         + [("3x3", True, False), ("3x3-up2", True, False), ("3x3", True, True), ("torgb", False, True)])
+def test_opcheck(variant, z_from_out, mixed):
+    """Both ops; with a clamp the forward stores z, without one (z_from_out) the backward reads the output.
+    ``mixed``: bf16 activations with float32 parameters (the bf16 Generator's calls)."""
     k, skip, opts = split_variant(variant)
-    t = {n: x.to(DEVICE, torch.float32).requires_grad_(True)
+    t = {n: x.to(DEVICE, torch.bfloat16 if mixed and n in ACTIVATIONS_16 else torch.float32).requires_grad_(True)
          for n, x in tensor_case(1, 3, 4, 4, k, opts["up"], skip=skip, seed=11).items()}
     args = (t["x"], t["weight"], t["styles"], t["noise"], t["noise_strength"], t["bias"], t.get("skip"),
             1 / math.sqrt(3 * k * k), opts.get("demodulate", True), opts["up"],
@@ -443,14 +512,51 @@ def _cuda_modconv() -> bool:
     return L.available_backends()["cuda"] and "cuda" in backends._registry["modulated_conv2d"]
 
 
-def _small_generator():
+def _small_generator(size=16, precision="fp32"):
     torch.manual_seed(0)
-    g = L.Generator(16, 8, 1, channels={4: 6, 8: 5, 16: 4}).to(DEVICE).requires_grad_(False)
+    g = L.Generator(size, 8, 1, channels={4: 6, 8: 5, 16: 4}, precision=precision).to(DEVICE).requires_grad_(False)
     with torch.no_grad():  # non-zero biases and noise strengths, as in a trained model
         for name, p in g.named_parameters():
             if name.endswith(("noise.weight", "activate.bias")) or name.startswith("to_rgb"):
                 p.add_(0.1 * torch.randn_like(p))
     return g
+
+
+def test_bf16_generator_reads_fp32_parameters(monkeypatch):
+    """precision="bf16" on the triton backend: the float32 weights, styles, noise maps and biases go into the kernels
+    as they are, so the aten casts of a synthesis and its backward do not grow with the number of layers (the 16²
+    generator has 3 more than the 8² one); image and W+/noise gradients near the float64 reference generator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    def run(g, backend, dtype=torch.float32):
+        gen = torch.Generator().manual_seed(2)
+        w = torch.randn(2, g.n_latent, 8, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_(True)
+        noise = [torch.randn(2, 1, h, w_, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_(True)
+                 for h, w_ in g.noise_shapes()]
+        counter = CountCasts()
+        with L.use_backend(modulated_conv2d=backend), counter:
+            img = g.synthesis(w, noise)
+            img.square().mean().backward()
+        return img, w.grad, [n.grad for n in noise], counter.casts
+
+    casts = [run(_small_generator(size, "bf16"), "triton")[-1] for size in (8, 16)]
+    assert casts[0] == casts[1], casts
+    g = _small_generator(16, "bf16")
+    img, gw, gn, _ = run(g, "triton")
+    assert img.dtype == gw.dtype == torch.float32
+    g64 = _small_generator(16).double()
+    ref_img, ref_gw, ref_gn, _ = run(g64, "reference", torch.float64)
+    assert rel_err(img, ref_img) < 0.05 and rel_err(gw, ref_gw) < 0.15
+    assert all(rel_err(a, b) < 0.15 for a, b in zip(gn, ref_gn))
 
 
 def test_compiled_generator_matches_eager():
@@ -491,7 +597,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from lsap_kernels.ops.modconv import triton_bwd as B, triton_fwd as F
 
     FLAGS = dict(DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, HAS_SKIP=True, LRELU=True, HAS_CLAMP=True)
-    KERNELS = [  # (kernel, element type, constexprs): every kernel, the GEMMs in 16 bits, TF32 and true fp32
+    # float32 parameters read next to 16-bit activations (the bf16 Generator's calls): "+f32" on the element type
+    PARAMS = ("s_ptr", "noise_ptr", "strength_ptr", "bias_ptr", "gn_ptr")
+    WEIGHT = ("w_ptr", "s_ptr")  # the weight-prep kernels' inputs (their copy is in the activations' dtype)
+    KERNELS = [  # (kernel, element type, constexprs[, fp32 pointers]): every kernel, the GEMMs in 16 bits, TF32 and
+                 # true fp32
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=True, PRECISION="ieee", PRESCALED=False, BM=128,
                                              BN=128, BK=32, **FLAGS)),
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=False, PRECISION="ieee", PRESCALED=True, BM=128,
@@ -501,7 +611,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                              BN=64, BK=32, **FLAGS)),
         # BN < BM: the weight tile is the scaled one
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=1, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
-                                             BN=32, BK=32, **FLAGS)),
+                                             BN=32, BK=32, **FLAGS), PARAMS[:4]),
         (F._modconv_fwd_kernel, "fp32", dict(K=3, UP=1, STORE_Z=False, PRECISION="tf32", PRESCALED=False, BM=128,
                                              BN=32, BK=32, **FLAGS)),
         # toRGB: 3 output channels, the epilogue on 4 columns of the 16-wide MMA tile
@@ -510,22 +620,23 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         # 2-D pixel tiles (TX columns; the others take TX = 0, their default)
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=2, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
                                              BN=32, BK=32, TX=16, **FLAGS)),
-        (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, TX=32, BN=32, RY=16, **FLAGS)),
-        (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32)),
-        (F._weight_demod_kernel, "bf16", dict(KK=9, BO=16, BI=64, BB=16)),
+        (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, TX=32, BN=32, RY=16, **FLAGS), PARAMS[1:4]),
+        (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32), WEIGHT),
+        (F._weight_demod_kernel, "bf16", dict(KK=9, BO=16, BI=64, BB=16), WEIGHT),
         (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True,
                                               WANT_BIAS=True, STORE_GN=True, WANT_STRENGTH=True, BM=64, BN=64,
-                                              **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"})),
+                                              **{n: v for n, v in FLAGS.items() if n != "HAS_SKIP"}), PARAMS[1:5]),
         (B._skip_bwd_kernel, "fp32", dict(BM=256, BN=4, TX=16)),  # toRGB's 4-channel tile
         (B._dgrad_kernel, "bf16", dict(K=3, UP=2, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=128, BN=64, BK=32,
-                                       TX=16)),
+                                       TX=16), PARAMS[:1]),
         (B._dgrad_kernel, "fp32", dict(K=3, UP=1, NEED_DX=True, NEED_DS=True, PRECISION="ieee", BM=64, BN=64, BK=32)),
         (B._wgrad_kernel, "fp16", dict(K=3, UP=1, PRECISION="ieee", BM=64, BN=64, BK=64)),
-        (B._style_grad_kernel, "bf16", dict(DEMOD=True, BR=16, BI=64, BO=32)),
+        (B._style_grad_kernel, "bf16", dict(DEMOD=True, BR=16, BI=64, BO=32), ("s_ptr", "out_ptr")),
     ]
     target = GPUTarget("cuda", 90, 32)
-    for kernel, elem, consts in KERNELS:
+    for kernel, elem, consts, *fp32_params in KERNELS:
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        fp32_params = fp32_params[0] if fp32_params else ()
         consts = {**{n: 0 for n in ("TX", "NARROW") if n in fn.arg_names}, **consts}  # their defaults
         sig = {}
         for n in fn.arg_names:
@@ -533,13 +644,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                 sig[n] = "constexpr"
             elif n.endswith("_ptr"):
                 fp32_buffer = n.startswith(("d_", "gd_", "gb_", "gs_", "ds_", "part", "q_"))
-                sig[n] = "*fp32" if fp32_buffer else f"*{elem}"
+                sig[n] = "*fp32" if fp32_buffer or n in fp32_params else f"*{elem}"
             else:
                 sig[n] = "fp32" if n in ("gain", "clamp", "wgain", "eps") else "i32"
         compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
                                   options={"num_warps": 4, "num_stages": 3})
         assert compiled.asm["cubin"], fn.__name__
         tensor_cores = elem != "fp32" or consts.get("PRECISION") == "tf32"
+        elem += "+f32" if fp32_params else ""
         print(fn.__name__, elem, consts.get("PRECISION", "-"), "mma" in compiled.asm["ptx"], tensor_cores)
 """)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.modconv import modulated_conv2d
+from ..ops.modconv import as_parameter, modulated_conv2d
 from ..ops.modconv.reference import fir_kernel
 from ..ops.style.layout import StyleLayout
 
@@ -99,11 +99,14 @@ class StyledConv(nn.Module):
         self.activate = BiasActivation(out_channel)
 
     def forward(self, x, w, noise=None, clamp=None):
-        c, dt = self.conv, x.dtype  # parameters, styles and noise follow the activations' dtype (precision="bf16")
-        return modulated_conv2d(x, c.weight[0].to(dt), c.modulation(w).to(dt), weight_gain=c.scale,
-                                demodulate=c.demodulate, up=c.up, noise=None if noise is None else noise.to(dt),
-                                noise_strength=self.noise.weight.to(dt), bias=self.activate.bias.to(dt),
-                                activation="lrelu", clamp=clamp)
+        # parameters, styles and noise go in as they are (float32 next to precision="bf16" activations: the kernels
+        # convert them as they read them, no cast per call) or in the activations' dtype
+        c, dt = self.conv, x.dtype
+        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(c.modulation(w), dt),
+                                weight_gain=c.scale, demodulate=c.demodulate, up=c.up,
+                                noise=None if noise is None else as_parameter(noise, dt),
+                                noise_strength=as_parameter(self.noise.weight, dt),
+                                bias=as_parameter(self.activate.bias, dt), activation="lrelu", clamp=clamp)
 
 
 class ToRGB(nn.Module):
@@ -116,8 +119,9 @@ class ToRGB(nn.Module):
 
     def forward(self, x, w, skip=None, clamp=None):
         c, dt = self.conv, x.dtype
-        return modulated_conv2d(x, c.weight[0].to(dt), c.modulation(w).to(dt), weight_gain=c.scale, demodulate=False,
-                                bias=self.bias.view(3).to(dt), activation="linear", clamp=clamp, skip=skip)
+        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(c.modulation(w), dt),
+                                weight_gain=c.scale, demodulate=False, bias=as_parameter(self.bias.view(3), dt),
+                                activation="linear", clamp=clamp, skip=skip)
 
 
 class ConstantInput(nn.Module):
@@ -131,8 +135,8 @@ class Generator(nn.Module):
 
     ``channels`` overrides the per-resolution channel table (default: config-f with ``channel_multiplier``);
     ``conv_clamp`` clamps every layer's output to ±conv_clamp (NVIDIA networks; None = rosinality's no clamp).
-    ``precision="bf16"``: synthesis runs in bfloat16 (activations, and the weights cast per call from the fp32
-    parameters) with fp32 accumulation in the kernels; latents, noise inputs and the returned image keep their own
+    ``precision="bf16"``: synthesis runs in bfloat16 (activations; the fp32 weights are rounded as the kernels read
+    them, or cast per call on backends that do not read fp32 parameters) with fp32 accumulation in the kernels; latents, noise inputs and the returned image keep their own
     dtype (fp32), gradients flow back to them in it. "fp32" (default): everything in the parameters' dtype.
     """
 
@@ -221,13 +225,14 @@ class Generator(nn.Module):
         clamp = self.conv_clamp
         compute = torch.bfloat16 if self.precision == "bf16" else self.input.input.dtype
         x = self.input.input.expand(batch, -1, -1, -1).to(compute)
-        x = self.conv1(x, w_plus[:, 0], noise[0], clamp)
-        skip = self.to_rgb1(x, w_plus[:, 1], clamp=clamp)
+        ws = w_plus.unbind(1)  # one backward node (a stack), where each w_plus[:, i] would add a zero-filled copy
+        x = self.conv1(x, ws[0], noise[0], clamp)
+        skip = self.to_rgb1(x, ws[1], clamp=clamp)
         for j, to_rgb in enumerate(self.to_rgbs):
             i = 2 * j + 1
-            x = self.convs[2 * j](x, w_plus[:, i], noise[i], clamp)
-            x = self.convs[2 * j + 1](x, w_plus[:, i + 1], noise[i + 1], clamp)
-            skip = to_rgb(x, w_plus[:, i + 2], skip, clamp)
+            x = self.convs[2 * j](x, ws[i], noise[i], clamp)
+            x = self.convs[2 * j + 1](x, ws[i + 1], noise[i + 1], clamp)
+            skip = to_rgb(x, ws[i + 2], skip, clamp)
         return skip if self.precision == "fp32" else skip.to(w_plus.dtype)
 
     def forward(self, styles, return_latents: bool = False, inject_index: int | None = None, truncation: float = 1.0,
@@ -277,7 +282,8 @@ class Generator(nn.Module):
         """Styles s_l = A_l(w_l) of the chosen layers packed as [B, C_total], and their ``StyleLayout``."""
         layout = self.style_layout(layers)
         w_plus = self._as_w_plus(w)
-        styles = [self.get_submodule(n).conv.modulation(w_plus[:, i]) for n, i in zip(layout.names, layout.w_index)]
+        ws = w_plus.unbind(1)  # as in synthesis: one stack in the backward, not a zero-filled copy per layer
+        styles = [self.get_submodule(n).conv.modulation(ws[i]) for n, i in zip(layout.names, layout.w_index)]
         return torch.cat(styles, 1), layout
 
     # ---- checks --------------------------------------------------------------------------------------

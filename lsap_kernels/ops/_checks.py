@@ -10,8 +10,10 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name: str, t, ndim: int | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``t`` is a floating tensor with ``ndim`` dims, on ``like``'s device with ``like``'s dtype."""
+def check_tensor(name: str, t, ndim: int | None = None, like: torch.Tensor | None = None,
+                 dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:
+    """``t`` is a floating tensor with ``ndim`` dims, on ``like``'s device with ``like``'s dtype (or one of
+    ``dtypes``, where given)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -21,8 +23,10 @@ def check_tensor(name: str, t, ndim: int | None = None, like: torch.Tensor | Non
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"{name} must be on {like.device} like the other inputs, got {describe(t)}")
-        if t.dtype != like.dtype:
-            raise TypeError(f"{name} must have dtype {like.dtype} like the other inputs, got {describe(t)}")
+        allowed = dtypes or (like.dtype,)
+        if t.dtype not in allowed:
+            what = " or ".join(str(d) for d in allowed)
+            raise TypeError(f"{name} must have dtype {what} (x has {like.dtype}), got {describe(t)}")
     return t
 
 

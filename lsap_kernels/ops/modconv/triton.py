@@ -54,9 +54,9 @@ if triton is not None:
         triton_tuning.seed_for(x.device)
         with _on_device(x):
             if demodulate:
-                w_t, d = triton_fwd.weight_and_demodulation(weight, styles, weight_gain, eps)
+                w_t, d = triton_fwd.weight_and_demodulation(weight, styles, weight_gain, eps, x.dtype)
             else:
-                w_t, d = triton_fwd.prepare_weight(weight, io=True, want_q=False)  # d: None without want_q
+                w_t, d = triton_fwd.prepare_weight(weight, io=True, want_q=False, dtype=x.dtype)  # d: None
             out, conv_out = triton_fwd.forward(x, w_t, styles, weight_gain, d, noise, noise_strength, bias, skip, up,
                                                demodulate, lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
         return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)

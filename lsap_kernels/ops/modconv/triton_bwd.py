@@ -412,7 +412,7 @@ def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bi
             n_m = pixel_programs(h, w, {"BM": bm, "TX": tx})
             dx = cl_empty(x.shape, x.dtype, dev) if need_x else None
             ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
-            w_d, q = prepare_weight(weight, io=False, want_q=want_gd and need_s)  # [k, k, Cout, Cin]
+            w_d, q = prepare_weight(weight, io=False, want_q=want_gd and need_s, dtype=x.dtype)  # [k, k, Cout, Cin]
             grid = lambda meta: (n_m, triton.cdiv(cin, meta["BN"]), batch)  # noqa: E731
             _dgrad_kernel[grid](gz, w_d, styles, x, dx if need_x else x, ds_part if need_s else x,
                                 batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),

@@ -495,13 +495,14 @@ def needs_conv_out(demodulate: bool, lrelu: bool, clamp: float | None) -> bool:
     return demodulate or lrelu or clamp is not None
 
 
-def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool):
-    """One pass over W [Cout, Cin, k, k]: (W taps-major, [k, k, Cin, Cout] if ``io`` else [k, k, Cout, Cin], so the
-    GEMM's weight tiles are rows of the N dimension; Q = Σ_taps W² [Cout, Cin] fp32, or None without ``want_q``).
-    One launch where torch took four or five (a cast, square, sum, permuted copy), per layer and direction."""
+def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool, dtype: torch.dtype):
+    """One pass over W [Cout, Cin, k, k]: (W taps-major in ``dtype`` (the activations'), [k, k, Cin, Cout] if ``io``
+    else [k, k, Cout, Cin], so the GEMM's weight tiles are rows of the N dimension; Q = Σ_taps W² [Cout, Cin] fp32
+    from W as given, or None without ``want_q``). One launch where torch took four or five (a cast, square, sum,
+    permuted copy), per layer and direction."""
     cout, cin, k, _ = weight.shape
     weight = weight.contiguous()
-    w_taps = torch.empty((k, k, cin, cout) if io else (k, k, cout, cin), dtype=weight.dtype, device=weight.device)
+    w_taps = torch.empty((k, k, cin, cout) if io else (k, k, cout, cin), dtype=dtype, device=weight.device)
     q = torch.empty((cout, cin), dtype=torch.float32, device=weight.device) if want_q else None
     blocks = 16 if INTERPRET else 32
     _weight_prep_kernel[(triton.cdiv(cout, blocks), triton.cdiv(cin, blocks))](
@@ -509,13 +510,15 @@ def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool):
     return w_taps, q
 
 
-def weight_and_demodulation(weight: torch.Tensor, styles: torch.Tensor, weight_gain: float, eps: float):
-    """The forward's (W taps-major [k, k, Cin, Cout], d = rsqrt((s·g)² @ Qᵀ + eps) fp32 [B, Cout]) in one launch
-    (prepare_weight and a demodulation kernel took two: a small layer's time on a GPU is host time per launch)."""
+def weight_and_demodulation(weight: torch.Tensor, styles: torch.Tensor, weight_gain: float, eps: float,
+                            dtype: torch.dtype):
+    """The forward's (W taps-major [k, k, Cin, Cout] in ``dtype``, d = rsqrt((s·g)² @ Qᵀ + eps) fp32 [B, Cout]) in
+    one launch (prepare_weight and a demodulation kernel took two: a small layer's time on a GPU is host time per
+    launch)."""
     cout, cin, k, _ = weight.shape
     batch = styles.shape[0]
     weight = weight.contiguous()
-    w_taps = torch.empty((k, k, cin, cout), dtype=weight.dtype, device=weight.device)
+    w_taps = torch.empty((k, k, cin, cout), dtype=dtype, device=weight.device)
     d = torch.empty((batch, cout), dtype=torch.float32, device=weight.device)
     # 16 channels a program: 32 programs at 512 channels, each reading 16·Cin·k² weights per pass over the batch in
     # 64-channel chunks (the k² tap loads of a chunk in flight together); up to 64 samples a pass
