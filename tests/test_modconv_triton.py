@@ -399,8 +399,8 @@ def test_prepare_weight_matches_torch(shape, dtype, copy_dtype):
 @pytest.mark.parametrize("batch", [3, 70])
 def test_weight_and_demodulation_match_torch(batch, dtype, copy_dtype):
     """The forward's weight copy and d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against torch and float64: the copy
-    bit-equal to the kernels' cast (written once however many passes over the batch: 70 samples take two), channel counts
-    across the tile edges, the styles a strided view read in place."""
+    bit-equal to the kernels' cast (written once however many passes over the batch: 70 samples take two), channel
+    counts across the tile edges, the styles a strided view read in place."""
     from lsap_kernels.ops.modconv.triton_fwd import weight_and_demodulation
     gen = torch.Generator().manual_seed(batch)
     weight = torch.randn(37, 70, 3, 3, generator=gen).to(DEVICE, dtype)
@@ -435,8 +435,11 @@ def test_style_gradient_matches_torch(tiles, demodulate, dtype):
 
 # ---- custom op, autograd, backend registry -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant, z_from_out, mixed", [(v, False, False) for v in VARIANTS]
-                         + [("3x3", True, False), ("3x3-up2", True, False), ("3x3", True, True), ("torgb", False, True)])
+OPCHECK_CASES = [(v, False, False) for v in VARIANTS] + [("3x3", True, False), ("3x3-up2", True, False),
+                                                          ("3x3", True, True), ("torgb", False, True)]
+
+
+@pytest.mark.parametrize("variant, z_from_out, mixed", OPCHECK_CASES)
 def test_opcheck(variant, z_from_out, mixed):
     """Both ops; with a clamp the forward stores z, without one (z_from_out) the backward reads the output.
     ``mixed``: bf16 activations with float32 parameters (the bf16 Generator's calls)."""

@@ -136,8 +136,9 @@ class Generator(nn.Module):
     ``channels`` overrides the per-resolution channel table (default: config-f with ``channel_multiplier``);
     ``conv_clamp`` clamps every layer's output to ±conv_clamp (NVIDIA networks; None = rosinality's no clamp).
     ``precision="bf16"``: synthesis runs in bfloat16 (activations; the fp32 weights are rounded as the kernels read
-    them, or cast per call on backends that do not read fp32 parameters) with fp32 accumulation in the kernels; latents, noise inputs and the returned image keep their own
-    dtype (fp32), gradients flow back to them in it. "fp32" (default): everything in the parameters' dtype.
+    them, or cast per call on backends that do not read fp32 parameters) with fp32 accumulation in the kernels;
+    latents, noise inputs and the returned image keep their own dtype (fp32), gradients flow back to them in it.
+    "fp32" (default): everything in the parameters' dtype.
     """
 
     def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
