@@ -318,8 +318,19 @@ def test_inversion_gradients_only(variant, monkeypatch, poisoned):
     k, skip, opts = split_variant(variant)
     tensors = tensor_case(2, 6, 5, 6, k, opts["up"], skip=skip, seed=13)
     wanted = ("x", "styles", "noise", "skip")
+    from lsap_kernels.ops.modconv import triton_fwd
     wgrad = _Launches(triton_bwd._wgrad_kernel)
     monkeypatch.setattr(triton_bwd, "_wgrad_kernel", wgrad)
+    leaves = {n: t.to(DEVICE, torch.float32).requires_grad_(n in wanted) for n, t in tensors.items()}
+    out = L.modulated_conv2d(leaves["x"], leaves["weight"], leaves["styles"],
+                             **{n: leaves[n] for n in leaves if n not in ("x", "weight", "styles")}, **opts,
+                             backend="triton")
+    # the backward reuses the forward's weight copy (and Σ w²): no weight kernel runs in it
+    prep = [_Launches(getattr(triton_fwd, n)) for n in ("_weight_prep_kernel", "_weight_demod_kernel")]
+    for p in prep:
+        monkeypatch.setattr(triton_fwd, p.kernel.fn.__name__, p)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out))
+    assert [p.count for p in prep] == [0, 0]
     out, grads = run(tensors, opts, torch.float32, requires_grad=wanted)
     assert wgrad.count == 0
     assert grads["weight"] is None and grads["bias"] is None and grads["noise_strength"] is None
@@ -382,33 +393,30 @@ WEIGHT_COPY_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfl
 @pytest.mark.parametrize("dtype, copy_dtype", WEIGHT_COPY_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(17, 5, 3), (3, 33, 1), (1, 1, 5)], ids=lambda s: "x".join(map(str, s)))
 def test_prepare_weight_matches_torch(shape, dtype, copy_dtype):
-    """The one-pass weight prep: taps-major copies (both GEMM layouts) bit-equal to torch's permute and the kernels'
-    cast (kernel_cast), Q = Σ_taps W² in fp32 from W as given; channel counts across the tile edges, k = 1, 3, 5."""
+    """The weight prep without demodulation: the taps-major copy bit-equal to torch's permute and the kernels' cast
+    (kernel_cast); channel counts across the tile edges, k = 1, 3, 5."""
     from lsap_kernels.ops.modconv.triton_fwd import prepare_weight
     cout, cin, k = shape
     weight = torch.randn(cout, cin, k, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, dtype)
-    w_io, q = prepare_weight(weight, io=True, want_q=True, dtype=copy_dtype)
-    w_oi, none = prepare_weight(weight, io=False, want_q=False, dtype=copy_dtype)
-    cast = kernel_cast(weight, copy_dtype)
-    assert torch.equal(w_io, cast.permute(2, 3, 1, 0)) and torch.equal(w_oi, cast.permute(2, 3, 0, 1))
-    assert none is None and q.dtype == torch.float32
-    assert rel_err(q, weight.double().square().sum((2, 3))) < 1e-6
+    assert torch.equal(prepare_weight(weight, copy_dtype), kernel_cast(weight, copy_dtype).permute(2, 3, 1, 0))
 
 
 @pytest.mark.parametrize("dtype, copy_dtype", WEIGHT_COPY_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [3, 70])
 def test_weight_and_demodulation_match_torch(batch, dtype, copy_dtype):
-    """The forward's weight copy and d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against torch and float64: the copy
+    """The forward's weight copy, Q = Σ_taps W² and d = rsqrt((s·g)² @ Qᵀ + eps) in one launch, against torch and
+    float64: the copy
     bit-equal to the kernels' cast (written once however many passes over the batch: 70 samples take two), channel
     counts across the tile edges, the styles a strided view read in place."""
     from lsap_kernels.ops.modconv.triton_fwd import weight_and_demodulation
     gen = torch.Generator().manual_seed(batch)
     weight = torch.randn(37, 70, 3, 3, generator=gen).to(DEVICE, dtype)
     styles = torch.randn(batch, 2 * 70, generator=gen).to(DEVICE, dtype)[:, ::2]
-    w_io, d = weight_and_demodulation(weight, styles, 0.3, 1e-8, copy_dtype)
+    w_io, d, q = weight_and_demodulation(weight, styles, 0.3, 1e-8, copy_dtype)
     assert torch.equal(w_io, kernel_cast(weight, copy_dtype).permute(2, 3, 1, 0))
-    q = weight.double().square().sum((2, 3))
-    ref = torch.rsqrt((styles.double() * 0.3).square() @ q.t() + 1e-8)
+    ref_q = weight.double().square().sum((2, 3))
+    assert q.dtype == torch.float32 and q.shape == (37, 70) and rel_err(q, ref_q) < 1e-6
+    ref = torch.rsqrt((styles.double() * 0.3).square() @ ref_q.t() + 1e-8)
     assert d.dtype == torch.float32 and d.shape == (batch, 37) and rel_err(d, ref) < 1e-6
 
 
@@ -451,10 +459,10 @@ def test_opcheck(variant, z_from_out, mixed):
             opts.get("activation", "lrelu") == "lrelu", math.sqrt(2), None if z_from_out else 0.8, 1e-8, False,
             z_from_out)
     torch.library.opcheck(torch.ops.lsap.modulated_conv2d_triton.default, args)
-    out, conv_out, d = torch.ops.lsap.modulated_conv2d_triton(*args)
+    out, conv_out, d, w_t, q = torch.ops.lsap.modulated_conv2d_triton(*args)
     assert (conv_out.numel() == 0) == z_from_out or variant == "torgb"
     bargs = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]],
-             out.detach() if z_from_out else conv_out, d, *args[7:], [True] * 6 + [skip])
+             out.detach() if z_from_out else conv_out, d, w_t, q, *args[7:], [True] * 6 + [skip])
     torch.library.opcheck(torch.ops.lsap.modulated_conv2d_backward_triton.default, bargs,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
@@ -624,7 +632,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         (F._modconv_fwd_kernel, "bf16", dict(K=3, UP=2, STORE_Z=False, PRECISION="ieee", PRESCALED=False, BM=128,
                                              BN=32, BK=32, TX=16, **FLAGS)),
         (F._fir_epilogue_kernel, "bf16", dict(PAD0=1, STORE_Z=True, TX=32, BN=32, RY=16, **FLAGS), PARAMS[1:4]),
-        (F._weight_prep_kernel, "bf16", dict(KK=9, IO=True, WANT_Q=True, BO=32, BI=32), WEIGHT),
+        (F._weight_prep_kernel, "bf16", dict(KK=9, BO=32, BI=32), WEIGHT),
         (F._weight_demod_kernel, "bf16", dict(KK=9, BO=16, BI=64, BB=16), WEIGHT),
         (B._epilogue_bwd_kernel, "fp16", dict(NEED_Z=True, Z_FROM_OUT=True, STORE_GZ=True, WANT_GD=True,
                                               WANT_BIAS=True, STORE_GN=True, WANT_STRENGTH=True, BM=64, BN=64,

@@ -1,13 +1,13 @@
 """Triton backend of ``modulated_conv2d``: custom ops ``lsap::modulated_conv2d_triton`` (+ ``_backward_triton``)
 with a hand-written backward (kernels in triton_fwd.py / triton_bwd.py).
 
-The forward op returns (out, conv_out, d): conv_out is z, the conv output before the epilogue (for up=2 the blurred
-transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else empty; d
-the fp32 demodulation coefficients. The GEMM's taps-major copy of W and d = rsqrt((s·g)² @ Qᵀ + eps) (fp32,
-Q = Σ_taps W² [Cout, Cin]) come from one small kernel (weight_and_demodulation; the backward's copy and Q from
-prepare_weight); the kernels scale the styles by g as they read them, and the backward's per-tile partial sums
-end in one small kernel too (the styles' gradient), so a layer costs few launches: a small layer's time on a GPU is
-host time.
+The forward op returns (out, conv_out, d, w_t, q): conv_out is z, the conv output before the epilogue (for up=2 the
+blurred transposed conv), when the backward needs it and cannot recover it from out (a clamp or a skip add), else
+empty; d the fp32 demodulation coefficients; w_t the GEMMs' taps-major copy of W [k, k, Cin, Cout] in x's dtype and
+Q = Σ_taps W² [Cout, Cin] fp32, which the backward reuses. w_t, d = rsqrt((s·g)² @ Qᵀ + eps) and Q come from one
+small kernel (weight_and_demodulation; without demodulation, prepare_weight makes w_t); the kernels scale the
+styles by g as they read them, and the backward's per-tile partial sums end in one small kernel too (the styles'
+gradient), so a layer costs few launches: a small layer's time on a GPU is host time.
 
 fp32 runs the GEMMs in true fp32 unless ``ALLOW_TF32`` (or ``LSAP_TRITON_TF32=1``) is set; bf16/fp16 run them on
 the 16-bit inputs with fp32 accumulation. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
@@ -50,16 +50,18 @@ if triton is not None:
     def modconv_op(x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
                    noise_strength: Optional[Tensor], bias: Optional[Tensor], skip: Optional[Tensor],
                    weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float, clamp: Optional[float],
-                   eps: float, tf32: bool, z_from_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   eps: float, tf32: bool, z_from_out: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         triton_tuning.seed_for(x.device)
         with _on_device(x):
             if demodulate:
-                w_t, d = triton_fwd.weight_and_demodulation(weight, styles, weight_gain, eps, x.dtype)
+                w_t, d, q = triton_fwd.weight_and_demodulation(weight, styles, weight_gain, eps, x.dtype)
             else:
-                w_t, d = triton_fwd.prepare_weight(weight, io=True, want_q=False, dtype=x.dtype)  # d: None
-            out, conv_out = triton_fwd.forward(x, w_t, styles, weight_gain, d, noise, noise_strength, bias, skip, up,
-                                               demodulate, lrelu, gain, clamp, _precision(x.dtype, tf32), z_from_out)
-        return out, conv_out, d if d is not None else x.new_empty((0,), dtype=torch.float32)
+                w_t = triton_fwd.prepare_weight(weight, x.dtype)
+                d, q = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))  # outputs may not alias
+            out, conv_out = triton_fwd.forward(x, w_t, styles, weight_gain, d if demodulate else None, noise,
+                                               noise_strength, bias, skip, up, demodulate, lrelu, gain, clamp,
+                                               _precision(x.dtype, tf32), z_from_out)
+        return out, conv_out, d, w_t, q
 
     @modconv_op.register_fake
     def _(x, weight, styles, noise, noise_strength, bias, skip, weight_gain, demodulate, up, lrelu, gain, clamp, eps,
@@ -71,19 +73,23 @@ if triton is not None:
             conv_out = cl_empty(out.shape, x.dtype, x.device)
         else:
             conv_out = x.new_empty((0,))
+        cin, k = weight.shape[1], weight.shape[-1]
         d = x.new_empty((batch, cout) if demodulate else (0,), dtype=torch.float32)
-        return out, conv_out, d
+        w_t = x.new_empty((k, k, cin, cout))
+        q = x.new_empty((cout, cin) if demodulate else (0,), dtype=torch.float32)
+        return out, conv_out, d, w_t, q
 
     @torch.library.custom_op("lsap::modulated_conv2d_backward_triton", mutates_args=())
     def modconv_bwd_op(grad: Tensor, x: Tensor, weight: Tensor, styles: Tensor, noise: Optional[Tensor],
                        noise_strength: Optional[Tensor], bias: Optional[Tensor], conv_out: Tensor, d: Tensor,
-                       weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float,
+                       w_t: Tensor, q: Tensor, weight_gain: float, demodulate: bool, up: int, lrelu: bool, gain: float,
                        clamp: Optional[float], eps: float, tf32: bool, z_from_out: bool,
                        mask: list[bool]) -> list[Tensor]:
         need = dict(zip(_GRAD_NAMES, mask))
         with _on_device(x):
             grads = triton_bwd.backward(
-                grad, x, weight, styles, weight_gain, d if demodulate else None, noise, noise_strength, bias, conv_out,
+                grad, x, weight, w_t, q, styles, weight_gain, d if demodulate else None, noise, noise_strength, bias,
+                conv_out,
                 up=up, demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp,
                 precision=_precision(x.dtype, tf32), z_from_out=z_from_out,
                 need_x=need["x"], need_w=need["weight"], need_s=need["styles"], need_noise=need["noise"],
@@ -92,8 +98,8 @@ if triton is not None:
         return [g.to(t.dtype) if need[n] else x.new_empty((0,)) for n, g, t in zip(_GRAD_NAMES, grads, like)]
 
     @modconv_bwd_op.register_fake
-    def _(grad, x, weight, styles, noise, noise_strength, bias, conv_out, d, weight_gain, demodulate, up, lrelu, gain,
-          clamp, eps, tf32, z_from_out, mask):
+    def _(grad, x, weight, styles, noise, noise_strength, bias, conv_out, d, w_t, q, weight_gain, demodulate, up, lrelu,
+          gain, clamp, eps, tf32, z_from_out, mask):
         batch, cout, ho, wo = grad.shape
         shapes = {
             "x": lambda: cl_empty(x.shape, x.dtype, x.device),
@@ -122,7 +128,7 @@ if triton is not None:
         # sm_90 compile keeps the NCHW x load synchronous). Our layers' outputs are channels_last already (no copy).
         x = x.contiguous(memory_format=torch.channels_last)
         lrelu = activation == "lrelu"
-        out, _, _ = modconv(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
+        out, *_ = modconv(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
                                bool(demodulate), int(up), lrelu, float(gain), None if clamp is None else float(clamp),
                                float(eps), bool(ALLOW_TF32), z_from_out(demodulate, lrelu, gain, clamp, skip))
         return out

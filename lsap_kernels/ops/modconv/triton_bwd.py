@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .triton_fwd import INTERPRET, cl_empty, fir, fir_pad0, needs_conv_out, noise_strides, prepare_weight, triton
+from .triton_fwd import INTERPRET, cl_empty, fir, fir_pad0, needs_conv_out, noise_strides, triton
 
 if triton is not None:
     import triton.language as tl
@@ -153,8 +153,8 @@ if triton is not None:
                       PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       TX: tl.constexpr):
         """g_u = conv_transpose(g_z, W) at input pixels q (UP=1: g_z[q − kh + k//2]; UP=2: g_T[2q + kh]), then
-        d_x = g_u·sg (sg = styles·wgain) and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cout, Cin]
-        contiguous."""
+        d_x = g_u·sg (sg = styles·wgain) and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cin, Cout]
+        contiguous (the forward's copy), so a weight tile [BK of Cout, BN of Cin] is contiguous along K."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         qy, qx, mask_m = pixel_tile(pid_m, H, W, BM, TX)
@@ -183,7 +183,7 @@ if triton is not None:
             ok = mask_m & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
             gt = tl.load(g_base + (row_off + (dy * sgh + dx * sgw))[:, None] + o[None, :] * sgc,
                          mask=ok[:, None] & mask_o[None, :], other=0.0)
-            wt = tl.load(w_ptr + ((kh * K + kw) * Cout + o)[:, None] * Cin + offs_n[None, :],
+            wt = tl.load(w_ptr + ((kh * K + kw) * Cin + offs_n)[None, :] * Cout + o[:, None],
                          mask=mask_o[:, None] & mask_n[None, :], other=0.0)
             c0 += BK
             wrap = c0 >= Cout
@@ -344,13 +344,14 @@ def _wgrad_split(batch: int, pixels: int, tiles: int, device: torch.device) -> i
     return max(1, min(target // tiles, batch * triton.cdiv(pixels, 64)))
 
 
-def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bias, conv_out, *, up: int,
+def backward(grad, x, weight, w_t, q, styles, weight_gain: float, d, noise, strength, bias, conv_out, *, up: int,
              demodulate: bool, lrelu: bool, gain: float, clamp: float | None, precision: str, need_x: bool,
              need_w: bool, need_s: bool, need_noise: bool, need_strength: bool, need_bias: bool, need_skip: bool,
              z_from_out: bool = False):
     """The requested input gradients (None where not requested): (d_x, d_W fp32, d_styles in styles' dtype, d_noise
     in noise's shape and dtype, d_strength fp32 0-dim, d_bias fp32, d_skip). conv_out: z, or the forward's output
-    with ``z_from_out`` (see triton.z_from_out)."""
+    with ``z_from_out`` (see triton.z_from_out); w_t, q: the forward's taps-major weight copy [k, k, Cin, Cout] and,
+    with demodulation, Q = Σ_taps W² [Cout, Cin]."""
     batch, cin, h, w = x.shape
     cout, k = weight.shape[0], weight.shape[-1]
     ho, wo = grad.shape[-2:]
@@ -412,9 +413,8 @@ def backward(grad, x, weight, styles, weight_gain: float, d, noise, strength, bi
             n_m = pixel_programs(h, w, {"BM": bm, "TX": tx})
             dx = cl_empty(x.shape, x.dtype, dev) if need_x else None
             ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
-            w_d, q = prepare_weight(weight, io=False, want_q=want_gd and need_s, dtype=x.dtype)  # [k, k, Cout, Cin]
             grid = lambda meta: (n_m, triton.cdiv(cin, meta["BN"]), batch)  # noqa: E731
-            _dgrad_kernel[grid](gz, w_d, styles, x, dx if need_x else x, ds_part if need_s else x,
+            _dgrad_kernel[grid](gz, w_t, styles, x, dx if need_x else x, ds_part if need_s else x,
                                 batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),
                                 *(dx.stride() if need_x else (0,) * 4), *style_args,
                                 K=k, UP=up, NEED_DX=need_x, NEED_DS=need_s, PRECISION=precision, BM=bm, TX=tx)

@@ -331,30 +331,23 @@ if triton is not None:
             tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _weight_prep_kernel(w_ptr, wt_ptr, q_ptr, Cout, Cin, KK: tl.constexpr, IO: tl.constexpr,
-                            WANT_Q: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-        """W [Cout, Cin, KK] -> taps-major copy ([KK, Cin, Cout] with IO, else [KK, Cout, Cin]) and Q = Σ_t W²."""
+    def _weight_prep_kernel(w_ptr, wt_ptr, Cout, Cin, KK: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+        """W [Cout, Cin, KK] -> its taps-major copy [KK, Cin, Cout] in wt's dtype."""
         offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
         offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
         mask = (offs_o < Cout)[:, None] & (offs_i < Cin)[None, :]
-        q = tl.zeros([BO, BI], dtype=tl.float32)
         for t in tl.static_range(KK):
             v = tl.load(w_ptr + (offs_o[:, None] * Cin + offs_i[None, :]) * KK + t, mask=mask, other=0.0)
-            q += v.to(tl.float32) * v.to(tl.float32)
-            if IO:
-                tl.store(wt_ptr + (t * Cin + offs_i[None, :]) * Cout + offs_o[:, None], v, mask=mask)
-            else:
-                tl.store(wt_ptr + (t * Cout + offs_o[:, None]) * Cin + offs_i[None, :], v, mask=mask)
-        if WANT_Q:
-            tl.store(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], q, mask=mask)
+            tl.store(wt_ptr + (t * Cin + offs_i[None, :]) * Cout + offs_o[:, None], v, mask=mask)
 
     @triton.jit
-    def _weight_demod_kernel(w_ptr, wt_ptr, s_ptr, d_ptr, B, Cout, Cin, ssb, ssi, wgain, eps, KK: tl.constexpr,
-                             BO: tl.constexpr, BI: tl.constexpr, BB: tl.constexpr):
+    def _weight_demod_kernel(w_ptr, wt_ptr, q_ptr, s_ptr, d_ptr, B, Cout, Cin, ssb, ssi, wgain, eps,
+                             KK: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BB: tl.constexpr):
         """The forward's weight prep and demodulation for BO output channels, in one launch: W [Cout, Cin, KK] ->
-        W [KK, Cin, Cout] (written in the first pass) and d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps) with
-        Q = Σ_t W², fp32, BB samples per pass over W (Q is recomputed per pass rather than stored: W comes from L2).
-        Each sum runs in one fixed order: the same bits every run."""
+        W [KK, Cin, Cout] and Q = Σ_t W² [Cout, Cin] fp32 (both written in the first pass, for the backward too)
+        and d[b, o] = rsqrt(Σ_i (s[b, i]·g)²·Q[o, i] + eps), fp32, BB samples per pass over W (Q is recomputed
+        per pass rather than read back: W comes from L2). Each sum runs in one fixed order: the same bits every
+        run."""
         offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
         mask_o = offs_o < Cout
         for b0 in range(0, B, BB):
@@ -370,6 +363,7 @@ if triton is not None:
                     v = tl.load(w_ptr + (offs_o[:, None] * Cin + offs_i[None, :]) * KK + t, mask=mask, other=0.0)
                     q += v.to(tl.float32) * v.to(tl.float32)
                     tl.store(wt_ptr + (t * Cin + offs_i[None, :]) * Cout + offs_o[:, None], v, mask=mask & (b0 == 0))
+                tl.store(q_ptr + offs_o[:, None] * Cin + offs_i[None, :], q, mask=mask & (b0 == 0))
                 s = tl.load(s_ptr + offs_b.to(tl.int64)[:, None] * ssb + offs_i[None, :] * ssi,
                             mask=mask_b[:, None] & mask_i[None, :], other=0.0).to(tl.float32) * wgain
                 acc = tl.dot(s * s, tl.trans(q), acc, input_precision="ieee")
@@ -495,37 +489,36 @@ def needs_conv_out(demodulate: bool, lrelu: bool, clamp: float | None) -> bool:
     return demodulate or lrelu or clamp is not None
 
 
-def prepare_weight(weight: torch.Tensor, io: bool, want_q: bool, dtype: torch.dtype):
-    """One pass over W [Cout, Cin, k, k]: (W taps-major in ``dtype`` (the activations'), [k, k, Cin, Cout] if ``io``
-    else [k, k, Cout, Cin], so the GEMM's weight tiles are rows of the N dimension; Q = Σ_taps W² [Cout, Cin] fp32
-    from W as given, or None without ``want_q``). One launch where torch took four or five (a cast, square, sum,
-    permuted copy), per layer and direction."""
+def prepare_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [Cout, Cin, k, k] -> its taps-major copy [k, k, Cin, Cout] in ``dtype`` (the activations'), so the GEMM
+    tiles of W are rows of the forward's N dimension (Cout) and of the data gradient's K dimension: the forward of a
+    layer without demodulation makes it, the backward reuses it."""
     cout, cin, k, _ = weight.shape
     weight = weight.contiguous()
-    w_taps = torch.empty((k, k, cin, cout) if io else (k, k, cout, cin), dtype=dtype, device=weight.device)
-    q = torch.empty((cout, cin), dtype=torch.float32, device=weight.device) if want_q else None
+    w_taps = torch.empty((k, k, cin, cout), dtype=dtype, device=weight.device)
     blocks = 16 if INTERPRET else 32
-    _weight_prep_kernel[(triton.cdiv(cout, blocks), triton.cdiv(cin, blocks))](
-        weight, w_taps, w_taps if q is None else q, cout, cin, KK=k * k, IO=io, WANT_Q=want_q, BO=blocks, BI=blocks)
-    return w_taps, q
+    _weight_prep_kernel[(triton.cdiv(cout, blocks), triton.cdiv(cin, blocks))](weight, w_taps, cout, cin, KK=k * k,
+                                                                                BO=blocks, BI=blocks)
+    return w_taps
 
 
 def weight_and_demodulation(weight: torch.Tensor, styles: torch.Tensor, weight_gain: float, eps: float,
                             dtype: torch.dtype):
-    """The forward's (W taps-major [k, k, Cin, Cout] in ``dtype``, d = rsqrt((s·g)² @ Qᵀ + eps) fp32 [B, Cout]) in
-    one launch (prepare_weight and a demodulation kernel took two: a small layer's time on a GPU is host time per
-    launch)."""
+    """The forward's (W taps-major [k, k, Cin, Cout] in ``dtype`` (prepare_weight's), d = rsqrt((s·g)² @ Qᵀ + eps)
+    fp32 [B, Cout], Q = Σ_taps W² fp32 [Cout, Cin] (for the backward)) in one launch: a small layer's time on a GPU
+    is host time per launch."""
     cout, cin, k, _ = weight.shape
     batch = styles.shape[0]
     weight = weight.contiguous()
     w_taps = torch.empty((k, k, cin, cout), dtype=dtype, device=weight.device)
     d = torch.empty((batch, cout), dtype=torch.float32, device=weight.device)
+    q = torch.empty((cout, cin), dtype=torch.float32, device=weight.device)
     # 16 channels a program: 32 programs at 512 channels, each reading 16·Cin·k² weights per pass over the batch in
     # 64-channel chunks (the k² tap loads of a chunk in flight together); up to 64 samples a pass
     bb = min(64, max(16, triton.next_power_of_2(batch)))
-    _weight_demod_kernel[(triton.cdiv(cout, 16),)](weight, w_taps, styles, d, batch, cout, cin, *styles.stride(),
+    _weight_demod_kernel[(triton.cdiv(cout, 16),)](weight, w_taps, q, styles, d, batch, cout, cin, *styles.stride(),
                                                    float(weight_gain), float(eps), KK=k * k, BO=16, BI=64, BB=bb)
-    return w_taps, d
+    return w_taps, d, q
 
 
 # Layers with at least this many output channels get x·s·g from one elementwise pass (2 bytes per element read and
