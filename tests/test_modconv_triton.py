@@ -385,6 +385,16 @@ def kernel_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
+def test_host_integer_helpers_match_triton():
+    """The launchers' plain-Python cdiv and next_power_of_2 (triton's are jit functions, ~5 µs a host call) give
+    triton's values."""
+    import triton
+    from lsap_kernels.ops.modconv.triton_fwd import cdiv, next_power_of_2
+    for n in range(1, 2100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        assert all(cdiv(n, b) == triton.cdiv(n, b) for b in (1, 3, 16, 64, 128))
+
+
 # (parameters' dtype, activations' dtype): the copy is made in the activations' (fp32 weights of a bf16 layer)
 WEIGHT_COPY_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
                       (torch.float32, torch.float16)]

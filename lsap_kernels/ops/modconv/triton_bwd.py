@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from .triton_fwd import INTERPRET, cl_empty, fir, fir_pad0, needs_conv_out, noise_strides, triton
+from .triton_fwd import (INTERPRET, cdiv, cl_empty, fir, fir_pad0, needs_conv_out, next_power_of_2, noise_strides,
+                         triton)
 
 if triton is not None:
     import triton.language as tl
@@ -311,7 +312,7 @@ def style_gradient(ds_part, gd_part, d, q, styles, weight_gain: float) -> torch.
     gd_part = rows(gd_part) if demod else ds_part
     out = torch.empty(styles.shape, dtype=styles.dtype, device=styles.device)
     bi = 16 if INTERPRET else 64
-    _style_grad_kernel[(batch, triton.cdiv(cin, bi))](
+    _style_grad_kernel[(batch, cdiv(cin, bi))](
         ds_part, gd_part, d if demod else ds_part, q if demod else ds_part, styles, out, ds_part.shape[1],
         gd_part.shape[1], cin, gd_part.shape[2], *styles.stride(), *out.stride(), float(weight_gain), DEMOD=demod,
         BR=16, BI=bi, BO=16 if INTERPRET else 32)
@@ -321,7 +322,7 @@ def style_gradient(ds_part, gd_part, d, q, styles, weight_gain: float) -> torch.
 def pixel_block(pixels: int) -> int:
     """Pixel tile of the kernels that write per-tile partials: the sample's pixel count rounded up to a power of
     two, between 16 (tl.dot's minimum) and 128 (64 under the interpreter: see INTERPRET_BLOCKS)."""
-    return min(64 if INTERPRET else 128, max(16, triton.next_power_of_2(pixels)))
+    return min(64 if INTERPRET else 128, max(16, next_power_of_2(pixels)))
 
 
 # The data gradient's pixel tiles as blocks DGRAD_TX wide where the image is at least that wide and the tile holds
@@ -341,7 +342,7 @@ def _wgrad_split(batch: int, pixels: int, tiles: int, device: torch.device) -> i
     if INTERPRET or device.type != "cuda":
         return 2
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(target // tiles, batch * triton.cdiv(pixels, 64)))
+    return max(1, min(target // tiles, batch * cdiv(pixels, 64)))
 
 
 def backward(grad, x, weight, w_t, q, styles, weight_gain: float, d, noise, strength, bias, conv_out, *, up: int,
@@ -366,8 +367,8 @@ def backward(grad, x, weight, w_t, q, styles, weight_gain: float, d, noise, stre
     gz = gd_part = gbias = dnoise = gstrength = None
     if store_gz or want_gd or need_bias or need_noise or need_strength:
         bm = pixel_block(ho * wo)
-        bn = 16 if INTERPRET else min(128, max(16, triton.next_power_of_2(cout)), 4096 // bm)
-        n_m = triton.cdiv(ho * wo, bm)
+        bn = 16 if INTERPRET else min(128, max(16, next_power_of_2(cout)), 4096 // bm)
+        n_m = cdiv(ho * wo, bm)
         gz = cl_empty(grad.shape, x.dtype, dev) if store_gz else None
         gd_part = torch.empty((batch, n_m, cout), **f32) if want_gd else None
         gb_part = torch.empty((batch, n_m, cout), **f32) if need_bias else None
@@ -413,7 +414,7 @@ def backward(grad, x, weight, w_t, q, styles, weight_gain: float, d, noise, stre
             n_m = pixel_programs(h, w, {"BM": bm, "TX": tx})
             dx = cl_empty(x.shape, x.dtype, dev) if need_x else None
             ds_part = torch.empty((batch, n_m, cin), **f32) if need_s else None
-            grid = lambda meta: (n_m, triton.cdiv(cin, meta["BN"]), batch)  # noqa: E731
+            grid = lambda meta: (n_m, cdiv(cin, meta["BN"]), batch)  # noqa: E731
             _dgrad_kernel[grid](gz, w_t, styles, x, dx if need_x else x, ds_part if need_s else x,
                                 batch, cin, cout, h, w, gh, gw, h * w, n_m, *gz.stride(), *x.stride(),
                                 *(dx.stride() if need_x else (0,) * 4), *style_args,
@@ -421,9 +422,9 @@ def backward(grad, x, weight, w_t, q, styles, weight_gain: float, d, noise, stre
             if need_s:
                 dstyles = style_gradient(ds_part, gd_part if want_gd else None, d, q, styles, weight_gain)
         if need_w:
-            split = _wgrad_split(batch, h * w, triton.cdiv(cout, 64) * triton.cdiv(cin, 64) * k * k, dev)
+            split = _wgrad_split(batch, h * w, cdiv(cout, 64) * cdiv(cin, 64) * k * k, dev)
             part = torch.empty((split, k * k, cout, cin), **f32)
-            grid = lambda meta: (triton.cdiv(cout, meta["BM"]) * triton.cdiv(cin, meta["BN"]),  # noqa: E731
+            grid = lambda meta: (cdiv(cout, meta["BM"]) * cdiv(cin, meta["BN"]),  # noqa: E731
                                  k * k, split)
             _wgrad_kernel[grid](gz, x, styles, part, batch, cin, cout, h, w, gh, gw, split, *gz.stride(),
                                 *x.stride(), *style_args, K=k, UP=up, PRECISION=precision)
@@ -437,6 +438,6 @@ def backward(grad, x, weight, w_t, q, styles, weight_gain: float, d, noise, stre
     if need_skip:
         sh, sw = ho // 2, wo // 2
         dskip = cl_empty((batch, cout, sh, sw), grad.dtype, dev)
-        grid = lambda meta: (pixel_programs(sh, sw, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+        grid = lambda meta: (pixel_programs(sh, sw, meta), cdiv(cout, meta["BN"]), batch)  # noqa: E731
         _skip_bwd_kernel[grid](grad, dskip, cout, sh, sw, sh * sw, *grad.stride(), *dskip.stride())
     return dx, dw, dstyles, dnoise, gstrength, gbias, dskip

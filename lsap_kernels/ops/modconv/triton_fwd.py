@@ -37,6 +37,16 @@ except Exception:  # triton missing or broken: the backend does not register (se
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are jit functions, ~5 µs a call from Python (a
+# 2-core EPYC), and a layer's launchers and grids call them a dozen times
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
 if triton is not None:
 
     # The interpreter's cost is per program and per op, not per element: wide pixel tiles (fewer programs), and
@@ -117,8 +127,8 @@ if triton is not None:
         first use — or only the first with LSAP_TRITON_AUTOTUNE=0; with =wide those 4 and every fitting wide one.
         None fits: the one with the smallest tiles."""
         def prune(configs, nargs, **kwargs):
-            m_cap = max(16, triton.next_power_of_2(nargs[m_arg]))
-            n_pow2 = triton.next_power_of_2(nargs[n_arg])
+            m_cap = max(16, next_power_of_2(nargs[m_arg]))
+            n_pow2 = next_power_of_2(nargs[n_arg])
             kept = [c for c in configs if c.kwargs.get("BM", 0) <= m_cap and c.kwargs["BN"] <= max(16, n_pow2)
                     and (c.kwargs["BN"] >= 16 or c.kwargs["BN"] >= n_pow2)
                     and (w_arg is None or c.kwargs.get("TX", 0) <= nargs[w_arg])]
@@ -456,8 +466,8 @@ def fir(t: torch.Tensor, out: torch.Tensor, pad0: int, epilogue_args=None, epilo
     """out = epilogue(FIR(t)) over out's grid (_fir_epilogue_kernel); without ``epilogue_args`` the FIR alone."""
     batch, cout, th, tw = t.shape
     ho, wo = out.shape[-2:]
-    grid = lambda meta: (triton.cdiv(wo, meta["TX"]) * triton.cdiv(ho, meta["RY"]) * batch,  # noqa: E731
-                         triton.cdiv(cout, meta["BN"]))
+    grid = lambda meta: (cdiv(wo, meta["TX"]) * cdiv(ho, meta["RY"]) * batch,  # noqa: E731
+                         cdiv(cout, meta["BN"]))
     flags = {n: flags.get(n, False) for n in ("DEMOD", "HAS_NOISE", "HAS_BIAS", "HAS_SKIP", "LRELU", "HAS_CLAMP")}
     _fir_epilogue_kernel[grid](t, *(epilogue_args or (out,) * 5), out, out if z is None else z, batch, cout, th, tw,
                                ho, wo, ho * wo, *t.stride(), *epilogue_strides, *out.stride(), *scalars, PAD0=pad0,
@@ -467,7 +477,7 @@ def fir(t: torch.Tensor, out: torch.Tensor, pad0: int, epilogue_args=None, epilo
 def pixel_programs(h: int, w: int, meta: dict) -> int:
     """Programs along an h×w pixel grid for a config's BM and TX (pixel_tile)."""
     tx = meta.get("TX", 0)
-    return triton.cdiv(h * w, meta["BM"]) if tx == 0 else triton.cdiv(h, meta["BM"] // tx) * triton.cdiv(w, tx)
+    return cdiv(h * w, meta["BM"]) if tx == 0 else cdiv(h, meta["BM"] // tx) * cdiv(w, tx)
 
 
 def cl_empty(shape, dtype, device) -> torch.Tensor:
@@ -497,7 +507,7 @@ def prepare_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     weight = weight.contiguous()
     w_taps = torch.empty((k, k, cin, cout), dtype=dtype, device=weight.device)
     blocks = 16 if INTERPRET else 32
-    _weight_prep_kernel[(triton.cdiv(cout, blocks), triton.cdiv(cin, blocks))](weight, w_taps, cout, cin, KK=k * k,
+    _weight_prep_kernel[(cdiv(cout, blocks), cdiv(cin, blocks))](weight, w_taps, cout, cin, KK=k * k,
                                                                                 BO=blocks, BI=blocks)
     return w_taps
 
@@ -515,8 +525,8 @@ def weight_and_demodulation(weight: torch.Tensor, styles: torch.Tensor, weight_g
     q = torch.empty((cout, cin), dtype=torch.float32, device=weight.device)
     # 16 channels a program: 32 programs at 512 channels, each reading 16·Cin·k² weights per pass over the batch in
     # 64-channel chunks (the k² tap loads of a chunk in flight together); up to 64 samples a pass
-    bb = min(64, max(16, triton.next_power_of_2(batch)))
-    _weight_demod_kernel[(triton.cdiv(cout, 16),)](weight, w_taps, q, styles, d, batch, cout, cin, *styles.stride(),
+    bb = min(64, max(16, next_power_of_2(batch)))
+    _weight_demod_kernel[(cdiv(cout, 16),)](weight, w_taps, q, styles, d, batch, cout, cin, *styles.stride(),
                                                    float(weight_gain), float(eps), KK=k * k, BO=16, BI=64, BB=bb)
     return w_taps, d, q
 
@@ -538,7 +548,7 @@ def prescale(x: torch.Tensor, styles: torch.Tensor, weight_gain: float) -> torch
     batch, cin, h, w = x.shape
     u = cl_empty(x.shape, x.dtype, x.device)
     bm, bc = (64, 16) if INTERPRET else (64, 64)
-    _prescale_kernel[(triton.cdiv(h * w, bm), triton.cdiv(cin, bc), batch)](
+    _prescale_kernel[(cdiv(h * w, bm), cdiv(cin, bc), batch)](
         x, styles, u, cin, w, h * w, *x.stride(), *styles.stride(), float(weight_gain), BM=bm, BC=bc)
     return u
 
@@ -570,7 +580,7 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
     if prescaled:
         x = prescale(x, styles, weight_gain)
     if up == 1:
-        grid = lambda meta: (pixel_programs(h, w, meta), triton.cdiv(cout, meta["BN"]), batch)  # noqa: E731
+        grid = lambda meta: (pixel_programs(h, w, meta), cdiv(cout, meta["BN"]), batch)  # noqa: E731
         _modconv_fwd_kernel[grid](x, w_t, styles, *epilogue_args, out, ptr(z), batch, cin, cout, h, w, ho, wo, h * w,
                                   *x.stride(), *styles.stride(), *epilogue_strides, *out.stride(), *scalars,
                                   K=k, UP=1, STORE_Z=keep, PRECISION=precision, PRESCALED=prescaled,
@@ -579,7 +589,7 @@ def forward(x, w_t, styles, weight_gain: float, d, noise, strength, bias, skip, 
     th, tw = 2 * h + k - 2, 2 * w + k - 2
     t = cl_empty((batch, cout, th, tw), x.dtype, x.device)
     ph, pw = (th + 1) // 2, (tw + 1) // 2  # the largest phase (even rows, even columns)
-    grid = lambda meta: (pixel_programs(ph, pw, meta), triton.cdiv(cout, meta["BN"]), batch * 4)  # noqa: E731
+    grid = lambda meta: (pixel_programs(ph, pw, meta), cdiv(cout, meta["BN"]), batch * 4)  # noqa: E731
     _modconv_fwd_kernel[grid](x, w_t, styles, out, out, out, out, out, t, out, batch, cin, cout, h, w, th, tw,
                               ph * pw, *x.stride(), *styles.stride(), *(0,) * 7, *t.stride(),
                               float(weight_gain), 1.0, 0.0,
