@@ -5,9 +5,10 @@ launcher's argument parsing and cuLaunchKernel (a few µs a launch), and CUDA's 
 
     python bench/launch_overhead.py [--repeats 300]
 
-Prints, for a 512-channel 8² StyledConv at batch 16 in bf16 (a host-bound layer on a GPU), the µs per call of each
-launcher and of one forward+backward through the custom ops' implementations (inversion gradients). Compare rows
-of one run: on a 2-core VM these vary by ±20 % between runs.
+Prints, for a 512-channel 8² StyledConv at batch 16 in bf16 (a host-bound layer on a GPU), the µs per call of two
+kernel launches alone and of the forward and backward ops (inversion gradients), whose CPU allocations (glibc
+mmap for tensors of a MB) are not what CUDA's caching allocator costs. Compare rows of one run: on a 2-core VM whole
+runs vary by tens of percent.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def per_call_us(fn, repeats: int) -> float:
     fn()
     fn()
     best = float("inf")
-    for _ in range(5):  # the best of 5 rounds: the least disturbed by other load
+    for _ in range(9):  # the best of 9 rounds: the least disturbed by other load
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -91,10 +92,16 @@ def main(argv=None):
     out, conv_out, *_ = fwd(x, weight, styles, noise, strength, bias, None, *scalars)
     grad = torch.randn(out.shape, generator=gen).to(dt).contiguous(memory_format=torch.channels_last)
     mask = [True, False, True, True, False, False, False]  # x, styles, noise: an inversion
-    rows = {
-        "weight_and_demodulation (1 launch)": lambda: F.weight_and_demodulation(weight, styles, 0.02, 1e-8, dt),
-        "forward launcher (prescale + GEMM)": lambda: F.forward(x, w_t, styles, 0.02, d, noise, strength, bias, None,
-                                                                 1, True, True, 2 ** 0.5, None, "ieee", True),
+    bb = F.next_power_of_2(batch)
+    grid = lambda meta: (F.pixel_programs(size, size, meta), F.cdiv(ch, meta["BN"]), batch)  # noqa: E731
+    flags = dict(DEMOD=True, HAS_NOISE=True, HAS_BIAS=True, HAS_SKIP=False, LRELU=True, HAS_CLAMP=False)
+    rows = {  # the kernel launches alone (preallocated tensors), then whole ops (their allocations included)
+        "_weight_demod_kernel launch": lambda: F._weight_demod_kernel[(F.cdiv(ch, 16),)](
+            weight, w_t, q, styles, d, batch, ch, ch, *styles.stride(), 0.02, 1e-8, KK=9, BO=16, BI=64, BB=bb),
+        "_modconv_fwd_kernel launch (autotuned)": lambda: F._modconv_fwd_kernel[grid](
+            x, w_t, styles, d, noise, strength, bias, out, out, out, batch, ch, ch, size, size, size, size,
+            size * size, *x.stride(), *styles.stride(), *F.noise_strides(noise), 0, 0, 0, 0, *out.stride(), 0.02,
+            2 ** 0.5, 0.0, K=3, UP=1, STORE_Z=False, PRECISION="ieee", PRESCALED=True, NARROW=0, **flags),
         "forward op (3 launches)": lambda: fwd(x, weight, styles, noise, strength, bias, None, *scalars),
         "backward op (3 launches)": lambda: bwd(grad, x, weight, styles, noise, strength, bias, out, d, w_t, q,
                                                 *scalars, mask),
@@ -106,4 +113,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # host work only: no intra-op threads to wake
     main()
