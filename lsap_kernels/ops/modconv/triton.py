@@ -89,8 +89,7 @@ if triton is not None:
         with _on_device(x):
             grads = triton_bwd.backward(
                 grad, x, weight, w_t, q, styles, weight_gain, d if demodulate else None, noise, noise_strength, bias,
-                conv_out,
-                up=up, demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp,
+                conv_out, up=up, demodulate=demodulate, lrelu=lrelu, gain=gain, clamp=clamp,
                 precision=_precision(x.dtype, tf32), z_from_out=z_from_out,
                 need_x=need["x"], need_w=need["weight"], need_s=need["styles"], need_noise=need["noise"],
                 need_strength=need["noise_strength"], need_bias=need["bias"], need_skip=need["skip"])
@@ -129,8 +128,8 @@ if triton is not None:
         x = x.contiguous(memory_format=torch.channels_last)
         lrelu = activation == "lrelu"
         out, *_ = modconv(x, weight, styles, noise, noise_strength, bias, skip, float(weight_gain),
-                               bool(demodulate), int(up), lrelu, float(gain), None if clamp is None else float(clamp),
-                               float(eps), bool(ALLOW_TF32), z_from_out(demodulate, lrelu, gain, clamp, skip))
+                          bool(demodulate), int(up), lrelu, float(gain), None if clamp is None else float(clamp),
+                          float(eps), bool(ALLOW_TF32), z_from_out(demodulate, lrelu, gain, clamp, skip))
         return out
 
     def z_from_out(demodulate: bool, lrelu: bool, gain: float, clamp, skip) -> bool:
