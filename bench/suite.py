@@ -1,6 +1,7 @@
 """The benchmark suite (SPEC §6): every op and the end-to-end LSAP_O step against the baselines, with floors.
 
     python bench/suite.py [--cpu] [--out DIR] [--budget-s S] [--sections e2e modconv sncd] [--no-compile]
+                          [--layers convs.15 to_rgbs.7 ...]
 
 Writes suite.json (rows + device, versions, commit), suite.md and suite.png into DIR (default
 bench/results/<device>-<date>/), rewritten after every task, so a run cut short keeps what it measured.
@@ -537,6 +538,8 @@ class Suite:
         elt = 2 if precision == "bf16" else 4
         size = self.plan["layer_size"]
         for idx, s in enumerate(layer_specs(self.models(size)["ours"]["fp32"])):
+            if self.args.layers and s["layer"] not in self.args.layers:
+                continue
             seed = 7919 * (idx + 1)
             sets = None
             providers = self.layer_providers(s, precision, with_compile=not self.args.no_compile)
@@ -722,6 +725,9 @@ def main(argv=None):
     p.add_argument("--layer-size", dest="layer_size", type=int, default=None,
                    help="the generator whose layers the modconv section times (GPU 1024, CPU 32)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="time only these modulated layers (e.g. convs.15 to_rgbs.7): (c) compiles once per layer, "
+                        "too many for one GPU call over all 26")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
