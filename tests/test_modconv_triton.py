@@ -545,8 +545,9 @@ def _small_generator(size=16, precision="fp32"):
 
 def test_bf16_generator_reads_fp32_parameters(monkeypatch):
     """precision="bf16" on the triton backend: the float32 weights, styles, noise maps and biases go into the kernels
-    as they are, so the aten casts of a synthesis and its backward do not grow with the number of layers (the 16²
-    generator has 3 more than the 8² one); image and W+/noise gradients near the float64 reference generator."""
+    as they are, and each layer's affine scale into the op's weight gain, so the aten casts and multiplies of a
+    synthesis and its backward do not grow with the number of layers (the 16² generator has 3 more than the 8² one);
+    image and W+/noise gradients near the float64 reference generator."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountCasts(TorchDispatchMode):
@@ -555,7 +556,8 @@ def test_bf16_generator_reads_fp32_parameters(monkeypatch):
             self.casts = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.casts += func is torch.ops.aten._to_copy.default
+            self.casts += func in (torch.ops.aten._to_copy.default, torch.ops.aten.mul.Tensor,
+                                   torch.ops.aten.mul.Scalar)
             return func(*args, **(kwargs or {}))
 
     def run(g, backend, dtype=torch.float32):

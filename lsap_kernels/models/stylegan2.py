@@ -53,6 +53,12 @@ class EqualLinear(nn.Module):
         out = out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
         return F.leaky_relu(out, 0.2) * math.sqrt(2.0) if self.activation else out
 
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(y, f) with forward(x) = f·y, for a linear layer and x [B, in_dim]: y = x @ Wᵀ + bias·lr_mul/scale, one
+        addmm whose backward is a single mm (addmm's alpha ≠ 1 adds a multiply launch to it). For consumers that
+        fold f into a scale of their own: a modulated convolution is the same with styles y and weight gain g·f."""
+        return torch.addmm(self.bias, x, self.weight.t(), beta=self.lr_mul / self.scale), self.scale
+
 
 class FIRBuffer(nn.Module):
     """Holds the up-sampling FIR as buffer ``kernel`` where rosinality's Blur/Upsample modules keep it."""
@@ -102,8 +108,9 @@ class StyledConv(nn.Module):
         # parameters, styles and noise go in as they are (float32 next to precision="bf16" activations: the kernels
         # convert them as they read them, no cast per call) or in the activations' dtype
         c, dt = self.conv, x.dtype
-        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(c.modulation(w), dt),
-                                weight_gain=c.scale, demodulate=c.demodulate, up=c.up,
+        styles, factor = c.modulation.unscaled(w)  # the affine's scale goes into the weight gain (op-invariant)
+        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(styles, dt),
+                                weight_gain=c.scale * factor, demodulate=c.demodulate, up=c.up,
                                 noise=None if noise is None else as_parameter(noise, dt),
                                 noise_strength=as_parameter(self.noise.weight, dt),
                                 bias=as_parameter(self.activate.bias, dt), activation="lrelu", clamp=clamp)
@@ -119,9 +126,10 @@ class ToRGB(nn.Module):
 
     def forward(self, x, w, skip=None, clamp=None):
         c, dt = self.conv, x.dtype
-        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(c.modulation(w), dt),
-                                weight_gain=c.scale, demodulate=False, bias=as_parameter(self.bias.view(3), dt),
-                                activation="linear", clamp=clamp, skip=skip)
+        styles, factor = c.modulation.unscaled(w)  # as in StyledConv
+        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(styles, dt),
+                                weight_gain=c.scale * factor, demodulate=False,
+                                bias=as_parameter(self.bias.view(3), dt), activation="linear", clamp=clamp, skip=skip)
 
 
 class ConstantInput(nn.Module):
