@@ -292,8 +292,11 @@ class Generator(nn.Module):
         layout = self.style_layout(layers)
         w_plus = self._as_w_plus(w)
         ws = w_plus.unbind(1)  # as in synthesis: one stack in the backward, not a zero-filled copy per layer
-        styles = [self.get_submodule(n).conv.modulation(ws[i]) for n, i in zip(layout.names, layout.w_index)]
-        return torch.cat(styles, 1), layout
+        ys, factors = zip(*(self.get_submodule(n).conv.modulation.unscaled(ws[i])
+                            for n, i in zip(layout.names, layout.w_index)))
+        # every affine maps style_dim inputs at lr_mul 1, so one scale 1/√style_dim for all: one multiply, not one
+        # per layer (and none in each addmm's backward)
+        return torch.cat(ys, 1) * factors[0], layout
 
     # ---- checks --------------------------------------------------------------------------------------
     def _check_latent(self, name: str, t, ndim: int) -> None:
