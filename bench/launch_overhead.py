@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=300)
     args = p.parse_args(argv)
     driver.set_active(StandInDriver())
-    from lsap_kernels.ops.modconv import triton as T, triton_bwd as B, triton_fwd as F
+    from lsap_kernels.ops.modconv import triton as T, triton_fwd as F
 
     batch, ch, size, dt = 16, 512, 8, torch.bfloat16
     gen = torch.Generator().manual_seed(0)

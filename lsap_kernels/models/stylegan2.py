@@ -82,6 +82,13 @@ class ModulatedConv(nn.Module):
         self.demodulate = demodulate
         self.up = 2 if upsample else 1
 
+    def operands(self, w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(weight, styles, weight_gain) for ``modulated_conv2d`` next to activations of ``dtype``: the parameters
+        as they are where the op takes them (float32 next to bf16: the kernels convert them as they read them, no
+        cast per call), and the affine's scale folded into the weight gain (the op depends on styles·gain only)."""
+        styles, factor = self.modulation.unscaled(w)
+        return as_parameter(self.weight[0], dtype), as_parameter(styles, dtype), self.scale * factor
+
 
 class NoiseInjection(nn.Module):
     def __init__(self):
@@ -105,12 +112,9 @@ class StyledConv(nn.Module):
         self.activate = BiasActivation(out_channel)
 
     def forward(self, x, w, noise=None, clamp=None):
-        # parameters, styles and noise go in as they are (float32 next to precision="bf16" activations: the kernels
-        # convert them as they read them, no cast per call) or in the activations' dtype
         c, dt = self.conv, x.dtype
-        styles, factor = c.modulation.unscaled(w)  # the affine's scale goes into the weight gain (op-invariant)
-        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(styles, dt),
-                                weight_gain=c.scale * factor, demodulate=c.demodulate, up=c.up,
+        weight, styles, gain = c.operands(w, dt)
+        return modulated_conv2d(x, weight, styles, weight_gain=gain, demodulate=c.demodulate, up=c.up,
                                 noise=None if noise is None else as_parameter(noise, dt),
                                 noise_strength=as_parameter(self.noise.weight, dt),
                                 bias=as_parameter(self.activate.bias, dt), activation="lrelu", clamp=clamp)
@@ -125,11 +129,10 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x, w, skip=None, clamp=None):
-        c, dt = self.conv, x.dtype
-        styles, factor = c.modulation.unscaled(w)  # as in StyledConv
-        return modulated_conv2d(x, as_parameter(c.weight[0], dt), as_parameter(styles, dt),
-                                weight_gain=c.scale * factor, demodulate=False,
-                                bias=as_parameter(self.bias.view(3), dt), activation="linear", clamp=clamp, skip=skip)
+        weight, styles, gain = self.conv.operands(w, x.dtype)
+        return modulated_conv2d(x, weight, styles, weight_gain=gain, demodulate=False,
+                                bias=as_parameter(self.bias.view(3), x.dtype), activation="linear", clamp=clamp,
+                                skip=skip)
 
 
 class ConstantInput(nn.Module):
