@@ -3,12 +3,17 @@ binding and specialisation, cache key, grid, launch metadata) and our CachedAuto
 kernel launch is a no-op (kernels compiled for sm_90, as on an H100/H200). What a GPU host adds on top: the C
 launcher's argument parsing and cuLaunchKernel (a few µs a launch), and CUDA's own allocator calls.
 
-    python bench/launch_overhead.py [--repeats 300]
+    python bench/launch_overhead.py [--repeats 300] [--step 256]
 
 Prints, for a 512-channel 8² StyledConv at batch 16 in bf16 (a host-bound layer on a GPU), the µs per call of two
-kernel launches alone and of the forward and backward ops (inversion gradients), whose CPU allocations (glibc
-mmap for tensors of a MB) are not what CUDA's caching allocator costs. Compare rows of one run: on a 2-core VM whole
-runs vary by tens of percent.
+kernel launches alone and of the forward and backward ops (inversion gradients), each with our fast launch path
+(lsap_kernels/ops/_triton_launch.py) and through Triton's JITFunction.run, measured interleaved. The ops' CPU
+allocations (glibc mmap for tensors of a MB) are not what CUDA's caching allocator costs. Compare rows of one run:
+on a 2-core VM whole runs vary by tens of percent.
+
+``--step SIZE``: also one whole LSAP_O step of the SIZE² generator at batch 1 in bf16 (bench/profile_layers.py's
+step_call, every op on its triton backend), its Triton launches counted; the step's aten ops do their real work on
+CPU tensors, so the difference between the two paths is what to read.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class _Utils:
@@ -37,11 +43,20 @@ class _Utils:
 
 
 class StandInDriver:
-    """Enough of Triton's CUDA driver for compile-and-launch on CPU tensors; the launch itself does nothing."""
+    """Enough of Triton's CUDA driver for compile-and-launch on CPU tensors; the launch itself does nothing, or,
+    given a list ``record``, appends (launcher, its arguments) to it: one launcher per compiled kernel, called with
+    (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *kernel arguments)."""
 
-    def __init__(self):
+    def __init__(self, record: list | None = None):
         self.utils = _Utils()
-        self.launcher_cls = lambda src, metadata: (lambda *args: None)
+        if record is None:
+            self.launcher_cls = lambda src, metadata: (lambda *args: None)
+        else:
+            def launcher_cls(src, metadata):
+                def launch(*args):
+                    record.append((launch, args))
+                return launch
+            self.launcher_cls = launcher_cls
 
     def is_active(self):
         return True
@@ -59,23 +74,40 @@ class StandInDriver:
         return lambda *args, **kwargs: 1.0
 
 
-def per_call_us(fn, repeats: int) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(9):  # the best of 9 rounds: the least disturbed by other load
-        t0 = time.perf_counter()
-        for _ in range(repeats):
+class LaunchCount:
+    """A StandInDriver ``record`` that only counts (a list would keep every launch's tensors alive)."""
+    n = 0
+
+    def append(self, launch) -> None:
+        self.n += 1
+
+
+def per_call_us(fn, repeats: int, fast_launch=(None,)) -> list[float]:
+    """µs per call of ``fn`` with our fast launch path on (True), off (False) or as configured (None), one result
+    per entry of ``fast_launch``: the best of 9 rounds each, the rounds interleaved so that each entry is measured
+    under the same load."""
+    from lsap_kernels.ops import _triton_launch
+    configured = _triton_launch.FAST_LAUNCH
+    best = [float("inf")] * len(fast_launch)
+    for _ in range(9):
+        for i, mode in enumerate(fast_launch):
+            _triton_launch.FAST_LAUNCH = configured if mode is None else mode
             fn()
-        best = min(best, (time.perf_counter() - t0) / repeats * 1e6)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - t0) / repeats * 1e6)
+    _triton_launch.FAST_LAUNCH = configured
     return best
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=300)
+    p.add_argument("--step", type=int, default=None, metavar="SIZE")
     args = p.parse_args(argv)
-    driver.set_active(StandInDriver())
+    launches = LaunchCount()
+    driver.set_active(StandInDriver(launches))
     from lsap_kernels.ops.modconv import triton as T, triton_fwd as F
 
     batch, ch, size, dt = 16, 512, 8, torch.bfloat16
@@ -107,9 +139,39 @@ def main(argv=None):
                                                 *scalars, mask),
     }
     print(f"# launch_overhead: 512→512 3x3 8², batch 16, bf16; stand-in driver, {os.cpu_count()} CPUs")
+    print("# µs per call: fast launch path (lsap_kernels.ops._triton_launch) | Triton's JITFunction.run")
     for name, fn in rows.items():
-        print(f"{name}: {per_call_us(fn, args.repeats):.0f} µs")
-    print(f"torch.empty of the output: {per_call_us(lambda: F.cl_empty(out.shape, dt, out.device), 2000):.1f} µs")
+        fast, slow = per_call_us(fn, args.repeats, fast_launch=(True, False))
+        print(f"{name}: {fast:.0f} | {slow:.0f}")
+    empty, = per_call_us(lambda: F.cl_empty(out.shape, dt, out.device), 2000)
+    print(f"torch.empty of the output: {empty:.1f} µs")
+    if args.step:
+        step = triton_step(args.step)
+        step()
+        launches.n = 0
+        step()
+        n_launches = launches.n
+        fast, slow = (us / 1e3 for us in per_call_us(step, 3, fast_launch=(True, False)))
+        print(f"LSAP_O step, {args.step}², batch 1, bf16 ({n_launches} Triton launches): {fast:.1f} | {slow:.1f} ms")
+
+
+def triton_step(size: int):
+    """profile_layers.step_call on CPU tensors, every op on the triton backend (registered here for the CPU too)."""
+    import dataclasses
+
+    import lsap_kernels as L
+    from lsap_kernels import backends
+    from profile_layers import step_call
+    backends._triton_available = lambda: True
+    for impls in backends._registry.values():
+        if "triton" in impls:
+            impls["triton"] = dataclasses.replace(impls["triton"], devices=None)
+    call = step_call(size, 1, "bf16", "cpu")
+
+    def step():
+        with L.use_backend("triton"):
+            call()
+    return step
 
 
 if __name__ == "__main__":

@@ -702,12 +702,19 @@ _LAUNCH_PATH_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "bench")
     import launch_overhead  # unsets TRITON_INTERPRET, one block config per shape
     from triton.runtime.driver import driver
-    driver.set_active(launch_overhead.StandInDriver())
+    record = []
+    driver.set_active(launch_overhead.StandInDriver(record))
     import torch
+    from triton.runtime.jit import JITFunction
+    from lsap_kernels.ops import _triton_launch
     from lsap_kernels.ops.modconv import triton as T
 
     gen = torch.Generator().manual_seed(0)
     cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+
+    def describe(a):  # a launch argument, with a tensor the op allocates compared by its kind
+        return (a.dtype, a.shape, a.stride(), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else (type(a), a)
+
     VARIANTS = [  # name, Cin, Cout, size, k, up, demodulate, lrelu, skip, dtype: float32 parameters throughout
         ("3x3-up2 bf16", 64, 32, 16, 3, 2, True, True, False, torch.bfloat16),
         ("torgb bf16", 32, 3, 16, 1, 1, False, False, True, torch.bfloat16),
@@ -724,12 +731,30 @@ _LAUNCH_PATH_SCRIPT = textwrap.dedent("""
         skip = cl(torch.randn(4, cout, ho // 2, ho // 2, generator=gen).to(dt)) if skip_on else None
         z_from_out = lrelu and not skip_on
         scalars = (0.1, demod, up, lrelu, 2 ** 0.5 if lrelu else 1.0, None, 1e-8, dt == torch.float32, z_from_out)
-        out, conv_out, d, w_t, q = T.modconv_op._init_fn(x, w, s, noise, strength, bias, skip, *scalars)
-        grad = cl(torch.randn(out.shape, generator=gen).to(dt))
+        grad = cl(torch.randn(4, cout, ho, ho, generator=gen).to(dt))
         mask = [True, True, True, noise is not None, noise is not None, True, skip_on]  # every gradient
-        T.modconv_bwd_op._init_fn(grad, x, w, s, noise, strength, bias, out if z_from_out else conv_out, d, w_t, q,
-                                  *scalars, mask)
+
+        def layer():
+            out, conv_out, d, w_t, q = T.modconv_op._init_fn(x, w, s, noise, strength, bias, skip, *scalars)
+            T.modconv_bwd_op._init_fn(grad, x, w, s, noise, strength, bias, out if z_from_out else conv_out, d, w_t,
+                                      q, *scalars, mask)
+
+        layer()  # compiles
+        launches = {}
+        for fast in (True, False):  # the fast launch path (keys filled by the call above) against Triton's own
+            _triton_launch.FAST_LAUNCH = fast
+            del record[:]
+            layer()
+            launches[fast] = [(launcher, args[:3], [describe(a) for a in args[9:]]) for launcher, args in record]
+        assert launches[True] == launches[False], name
         print(name)
+
+    calls = []
+    run = JITFunction.run
+    JITFunction.run = lambda self, *a, **k: calls.append(self) or run(self, *a, **k)
+    _triton_launch.FAST_LAUNCH = True
+    layer()
+    print("through JITFunction.run", len(calls))
 """)
 
 
@@ -738,14 +763,17 @@ def test_every_variant_compiles_on_the_launch_path_for_sm90():
     """Forward and every gradient of each variant (fp32 parameters with bf16/fp16 activations, TF32) through
     Triton's real launch path, the argument specialisation of actual calls included, compiled for sm_90: a stand-in
     driver (bench/launch_overhead.py) replaces only the launch itself. Catches a kernel the interpreter runs but the
-    compiler rejects for the dtypes and alignments the launchers really pass."""
+    compiler rejects for the dtypes and alignments the launchers really pass. Then each call again, through our fast
+    launch path and through Triton's: the same kernels, grids and arguments."""
     env = {**os.environ, "LSAP_DISABLE_EXT": "1"}
     env.pop("TRITON_INTERPRET", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", _LAUNCH_PATH_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600, cwd=root)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.split() == ["3x3-up2", "bf16", "torgb", "bf16", "3x3", "fp16", "3x3", "tf32"], res.stdout
+    # and each launch of the fast launch path (every kernel's, second call on) is Triton's own (test_triton_launch.py)
+    assert res.stdout.split() == ["3x3-up2", "bf16", "torgb", "bf16", "3x3", "fp16", "3x3", "tf32",
+                                  "through", "JITFunction.run", "0"], res.stdout
 
 
 # ---- real shapes on a GPU ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .triton_fwd import (INTERPRET, cdiv, cl_empty, fir, fir_pad0, needs_conv_ou
 if triton is not None:
     import triton.language as tl
 
+    from .._triton_launch import fast_jit
     from .triton_fwd import (INTERPRETED, activate, block_configs, ew_configs, gemm_configs, pixel_programs,
                               pixel_tile, preactivation, prune_mn, tuned)
 
@@ -42,7 +43,7 @@ if triton is not None:
             z = z - tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
         return z * (1.0 / tl.load(d_ptr + b * Cout + offs_o, mask=mask_o, other=1.0))[None, :]
 
-    @triton.jit
+    @fast_jit
     def _epilogue_bwd_kernel(g_ptr, z_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, gz_ptr, gd_part_ptr,
                              gb_part_ptr, gn_ptr, gs_part_ptr,
                              Cout, HO, WO, n_m,
@@ -113,7 +114,7 @@ if triton is not None:
 
     @tuned(ew_configs(), key=["Cout", "SH", "SW"], prune=prune_mn("PIXELS", "Cout", "SW"),
            interpret={"BM": 64, "BN": 4})  # 4-channel tiles, as for toRGB on a GPU (16: test_pixel_block_tiles)
-    @triton.jit
+    @fast_jit
     def _skip_bwd_kernel(g_ptr, out_ptr, Cout, SH, SW, PIXELS, sgb, sgc, sgh, sgw, sob, soc, soh, sow,
                          BM: tl.constexpr, BN: tl.constexpr, TX: tl.constexpr = 0):
         """d_skip[m] = Σ_{j=0..3} G[2m − 1 + j]·f[j] per axis: the adjoint of the skip's FIR up-sampling."""
@@ -146,7 +147,7 @@ if triton is not None:
 
     @tuned(DGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
            prune=prune_mn("PIXELS", "Cin"), interpret={"BN": 16, "BK": 16})
-    @triton.jit
+    @fast_jit
     def _dgrad_kernel(gz_ptr, w_ptr, s_ptr, x_ptr, dx_ptr, ds_part_ptr,
                       B, Cin, Cout, H, W, GH, GW, PIXELS, n_m,
                       sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, ssb, ssi, wgain,
@@ -215,7 +216,7 @@ if triton is not None:
 
     @tuned(WGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "SPLIT", "PRECISION"],
            prune=prune_mn("Cout", "Cin"), interpret={"BM": 16, "BN": 16, "BK": 64})
-    @triton.jit
+    @fast_jit
     def _wgrad_kernel(gz_ptr, x_ptr, s_ptr, part_ptr, B, Cin, Cout, H, W, GH, GW, SPLIT,
                       sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, ssb, ssi, wgain,
                       K: tl.constexpr, UP: tl.constexpr, PRECISION: tl.constexpr,
@@ -269,7 +270,7 @@ if triton is not None:
                            other=0.0)
         return tl.sum(acc, axis=0)
 
-    @triton.jit
+    @fast_jit
     def _style_grad_kernel(ds_ptr, gd_ptr, d_ptr, q_ptr, s_ptr, out_ptr, n_ds, n_gd, Cin, Cout, ssb, ssi, sob, soi,
                            wgain, DEMOD: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr):
         """d_s[b, i] = g·(Σ_r ds[b, r, i] − sg[b, i]·Σ_o gd[b, o]·d[b, o]³·Q[o, i]), gd[b, o] = Σ_r gd_part[b, r, o],

@@ -48,6 +48,7 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 if triton is not None:
+    from .._triton_launch import fast_jit
 
     # The interpreter's cost is per program and per op, not per element: wide pixel tiles (fewer programs), and
     # 16-wide channel tiles so the small test channel counts still cross tile boundaries.
@@ -243,7 +244,7 @@ if triton is not None:
 
     @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE) + block_configs(("BM", "BN", "BK", "TX"), [], GEMM_WIDE_2D),
            key=["Cin", "Cout", "H", "W", "K", "UP", "PRECISION", "PRESCALED"], prune=prune_mn("PIXELS", "Cout", "W"))
-    @triton.jit
+    @fast_jit
     def _modconv_fwd_kernel(x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
                             B, Cin, Cout, H, W, HO, WO, PIXELS,
                             sxb, sxc, sxh, sxw, ssb, ssi, snb, snh, snw, skb, skc, skh, skw, sob, soc, soh, sow,
@@ -340,7 +341,7 @@ if triton is not None:
                 v += skip_upsampled(skip_ptr, b, oy, ox, offs_n, mask_m, mask_n, HO // 2, WO // 2, skb, skc, skh, skw)
             tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @fast_jit
     def _weight_prep_kernel(w_ptr, wt_ptr, Cout, Cin, KK: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
         """W [Cout, Cin, KK] -> its taps-major copy [KK, Cin, Cout] in wt's dtype."""
         offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
@@ -350,7 +351,7 @@ if triton is not None:
             v = tl.load(w_ptr + (offs_o[:, None] * Cin + offs_i[None, :]) * KK + t, mask=mask, other=0.0)
             tl.store(wt_ptr + (t * Cin + offs_i[None, :]) * Cout + offs_o[:, None], v, mask=mask)
 
-    @triton.jit
+    @fast_jit
     def _weight_demod_kernel(w_ptr, wt_ptr, q_ptr, s_ptr, d_ptr, B, Cout, Cin, ssb, ssi, wgain, eps,
                              KK: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BB: tl.constexpr):
         """The forward's weight prep and demodulation for BO output channels, in one launch: W [Cout, Cin, KK] ->
@@ -380,7 +381,7 @@ if triton is not None:
             tl.store(d_ptr + offs_b.to(tl.int64)[:, None] * Cout + offs_o[None, :], tl.rsqrt(acc + eps),
                      mask=mask_b[:, None] & mask_o[None, :])
 
-    @triton.jit
+    @fast_jit
     def _prescale_kernel(x_ptr, s_ptr, u_ptr, Cin, W, PIXELS, sxb, sxc, sxh, sxw, ssb, ssi, wgain,
                          BM: tl.constexpr, BC: tl.constexpr):
         """u = x·s·g in x's dtype (fp32 product, one rounding: the GEMM's own ut), written channels_last."""
@@ -414,7 +415,7 @@ if triton is not None:
 
     @tuned(fir_configs(), key=["Cout", "HO", "WO", "PAD0"], prune=prune_mn("PIXELS", "Cout", "WO"),
            interpret={"TX": 16, "BN": 16, "RY": 8})
-    @triton.jit
+    @fast_jit
     def _fir_epilogue_kernel(t_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
                              B, Cout, TH, TW, HO, WO, PIXELS,
                              stb, stc, sth, stw, snb, snh, snw, skb, skc, skh, skw, sob, soc, soh, sow,

@@ -21,6 +21,7 @@ except Exception:  # triton missing or broken: this backend simply does not regi
     triton = None
 
 if triton is not None:
+    from .._triton_launch import fast_jit
 
     @triton.jit
     def _segment(off_ptr, width):
@@ -31,7 +32,7 @@ if triton is not None:
         n = tl.load(off_ptr + l + 1) - lo
         return b, l, b * width + lo, lo, n
 
-    @triton.jit
+    @fast_jit
     def _normalize_fwd_kernel(s_ptr, out_ptr, norm_ptr, off_ptr, width, n_layers, eps, BLOCK: tl.constexpr):
         b, l, row, lo, n = _segment(off_ptr, width)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -48,7 +49,7 @@ if triton is not None:
             x = tl.load(s_ptr + row + idx, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + row + idx, (x * inv).to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @fast_jit
     def _normalize_bwd_kernel(g_ptr, s_ptr, norm_ptr, out_ptr, off_ptr, width, n_layers, eps, BLOCK: tl.constexpr):
         b, l, row, lo, n = _segment(off_ptr, width)
         nr = tl.load(norm_ptr + b * n_layers + l)
@@ -69,7 +70,7 @@ if triton is not None:
             x = tl.load(s_ptr + row + idx, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + row + idx, ((g - proj * x) * inv).to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @fast_jit
     def _sncd_fwd_kernel(s_ptr, mu_ptr, cos_ptr, norm_ptr, off_ptr, width, n_layers, eps, BLOCK: tl.constexpr):
         b, l, row, lo, n = _segment(off_ptr, width)
         sq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -85,7 +86,7 @@ if triton is not None:
         tl.store(norm_ptr + b * n_layers + l, norm)
         tl.store(cos_ptr + b * n_layers + l, tl.sum(dot, axis=0) / tl.where(norm < eps, eps, norm))
 
-    @triton.jit
+    @fast_jit
     def _sncd_bwd_kernel(gc_ptr, s_ptr, mu_ptr, cos_ptr, norm_ptr, out_ptr, off_ptr, width, n_layers, eps,
                          BLOCK: tl.constexpr):
         b, l, row, lo, n = _segment(off_ptr, width)
