@@ -1,7 +1,9 @@
 """Host time per forward+backward call of our ops on tiny shapes, where the device work is negligible: what an
 inversion step pays per layer before any kernel runs. Each kernel backend is timed twice in the same run: as our
 call sites make the call (the op's implementation called directly, ops/_autograd.py) and through the registered
-torch.library op (``ALWAYS_DISPATCH``); plus the reference backend and one plain conv2d as yardsticks.
+torch.library op (``ALWAYS_DISPATCH``); the triton backend a third time, its kernels launched through Triton's
+JITFunction.run instead of our fast launch path (ops/_triton_launch.py); plus the reference backend and one plain
+conv2d as yardsticks.
 
     python bench/bench_host_overhead.py [--out DIR] [--calls 400] [--repeats 7]
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import lsap_kernels as L  # noqa: E402
-from lsap_kernels.ops import _autograd  # noqa: E402
+from lsap_kernels.ops import _autograd, _triton_launch  # noqa: E402
 
 
 def modconv_call(device: str, backend: str):
@@ -107,12 +109,21 @@ def main(argv=None):
             ours = timed[False]
             rows.append({"op": op, "provider": f"{backend}, our call path", "us_per_call": ours,
                          "dispatch_over_ours": timed[True] / ours, "reference_over_ours": ref_us / ours})
+            if backend == "triton" and _triton_launch.FAST_LAUNCH:
+                _triton_launch.FAST_LAUNCH = False
+                try:
+                    jit_run = host_us(make(device, backend), device, args.calls, args.repeats)
+                finally:
+                    _triton_launch.FAST_LAUNCH = True
+                rows.append({"op": op, "provider": "triton, our call path, Triton's launch path", "us_per_call": jit_run,
+                             "jit_run_over_ours": jit_run / ours})
     for r in rows:
-        print(f"{r['op']:17s} {r['provider']:36s} {r['us_per_call']:8.1f} us")
+        print(f"{r['op']:17s} {r['provider']:44s} {r['us_per_call']:8.1f} us")
     meta = {"what": "host microseconds per forward+backward call on tiny shapes (device work negligible)",
             "calls_per_round": args.calls, "rounds (median)": args.repeats, "threads": torch.get_num_threads()}
     common.write_results(out, "host_overhead", env, meta, rows,
-                         ["op", "provider", "us_per_call", "dispatch_over_ours", "reference_over_ours"])
+                         ["op", "provider", "us_per_call", "dispatch_over_ours", "reference_over_ours",
+                          "jit_run_over_ours"])
 
 
 if __name__ == "__main__":
