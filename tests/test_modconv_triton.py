@@ -389,7 +389,7 @@ def test_host_integer_helpers_match_triton():
     """The launchers' plain-Python cdiv and next_power_of_2 (triton's are jit functions, ~5 µs a host call) give
     triton's values."""
     import triton
-    from lsap_kernels.ops.modconv.triton_fwd import cdiv, next_power_of_2
+    from lsap_kernels.ops._triton_launch import cdiv, next_power_of_2
     for n in range(1, 2100):
         assert next_power_of_2(n) == triton.next_power_of_2(n)
         assert all(cdiv(n, b) == triton.cdiv(n, b) for b in (1, 3, 16, 64, 128))

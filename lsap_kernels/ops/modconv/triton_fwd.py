@@ -35,17 +35,10 @@ try:
 except Exception:  # triton missing or broken: the backend does not register (see triton.py)
     triton = None
 
+from .._triton_launch import cdiv, next_power_of_2  # noqa: F401  (triton_bwd and bench import them from here)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-
-# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are jit functions, ~5 µs a call from Python (a
-# 2-core EPYC), and a layer's launchers and grids call them a dozen times
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 if triton is not None:
     from .._triton_launch import fast_jit

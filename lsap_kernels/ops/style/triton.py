@@ -21,7 +21,7 @@ except Exception:  # triton missing or broken: this backend simply does not regi
     triton = None
 
 if triton is not None:
-    from .._triton_launch import fast_jit
+    from .._triton_launch import cdiv, fast_jit, next_power_of_2
 
     @triton.jit
     def _segment(off_ptr, width):
@@ -110,8 +110,7 @@ if triton is not None:
         n_layers = offsets.shape[0] - 1
         if batch == 0 or n_layers == 0:
             return
-        # (in plain Python: triton.next_power_of_2 is a jit function, ~5 µs a call from the host)
-        block = min(max(1 << (-(-width // n_layers) - 1).bit_length(), 128), 1024)
+        block = min(max(next_power_of_2(cdiv(width, n_layers)), 128), 1024)
         # Triton launches on the current CUDA device, not the tensors': guard for multi-GPU callers.
         with torch.cuda.device(styles.device) if styles.is_cuda else contextlib.nullcontext():
             kernel[(batch, n_layers)](*args, offsets, width, n_layers, eps, BLOCK=block,
