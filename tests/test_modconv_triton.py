@@ -148,6 +148,26 @@ def test_pixel_block_tiles(variant, monkeypatch, poisoned):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_tiles_in_8_byte_runs(variant, monkeypatch, poisoned):
+    """CA = 1 (GEMM_WIDE_CA: the forward's x tiles and the data gradient's g_z tiles declared contiguous in 8-byte
+    runs, so a GPU pipelines them through L1) changes which copy instructions load the tiles, never the values: both
+    kernels with it, against the formula (the instructions: test_8_byte_runs_load_through_l1_on_sm90)."""
+    from lsap_kernels.ops.modconv import triton_fwd
+    monkeypatch.setattr(triton_fwd._modconv_fwd_kernel, "configs", one_config(BM=32, BN=16, BK=16, CA=1))
+    monkeypatch.setattr(triton_bwd._dgrad_kernel, "configs", one_config(BN=16, BK=16, CA=1))
+    k, skip, opts = split_variant(variant)
+    tensors = tensor_case(2, 20, 18, 6, k, opts["up"], skip=skip, seed=24)
+    for dtype in (torch.float32, torch.bfloat16):  # runs of 2 and 4 elements
+        rounded = {n: t.to(dtype).double() for n, t in tensors.items()}
+        out, grads = run(rounded, opts, dtype)
+        lrelu = opts.get("activation", "lrelu") == "lrelu"
+        # 16 bits: leaky-ReLU's slope where the kernel took it (see test_low_precision)
+        positive = out.detach() > 0 if lrelu and dtype != torch.float32 else None
+        ref_out, ref_grads = run_formula(rounded, opts, grad_dtype=dtype, slope_positive=positive)
+        assert_close(out, grads, ref_out, ref_grads, TOL[dtype])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_prescaled_activations(variant, monkeypatch, poisoned):
     """Wide layers (Cout ≥ PRESCALE_MIN_COUT) get x·s·g from one elementwise pass and a GEMM that scales nothing:
     that path for every variant (the threshold lowered to reach it at test sizes), and a batch-broadcast x."""
@@ -774,6 +794,63 @@ def test_every_variant_compiles_on_the_launch_path_for_sm90():
     # and each launch of the fast launch path (every kernel's, second call on) is Triton's own (test_triton_launch.py)
     assert res.stdout.split() == ["3x3-up2", "bf16", "torgb", "bf16", "3x3", "fp16", "3x3", "tf32",
                                   "through", "JITFunction.run", "0"], res.stdout
+
+
+_CA_SCRIPT = textwrap.dedent("""
+    import re
+    import sys
+    sys.path.insert(0, "bench")
+    import launch_overhead  # unsets TRITON_INTERPRET
+    from triton.runtime.driver import driver
+    driver.set_active(launch_overhead.StandInDriver())
+    import torch
+    import triton
+    from lsap_kernels.ops.modconv import triton as T, triton_bwd as B, triton_fwd as F
+
+    gen = torch.Generator().manual_seed(0)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+    # convs.15's channels (32 → 32, bf16) and so its specialisation: unit channel strides, the others multiples of 16
+    x = cl(torch.randn(2, 32, 16, 16, generator=gen).to(torch.bfloat16))
+    w, s = torch.randn(32, 32, 3, 3, generator=gen), torch.randn(2, 32, generator=gen)
+    noise, strength, bias = torch.randn(2, 1, 16, 16, generator=gen), torch.tensor(0.1), torch.randn(32, generator=gen)
+    grad = cl(torch.randn(2, 32, 16, 16, generator=gen).to(torch.bfloat16))
+    scalars = (0.1, True, 1, True, 2 ** 0.5, None, 1e-8, False, True)
+
+    def compiled(kernel):
+        return {id(k): k for cache, *_ in kernel.fn.device_caches.values() for k in cache.values()}
+
+    for ca in (0, 1):
+        F._modconv_fwd_kernel.configs = [triton.Config(dict(BM=128, BN=32, BK=32, TX=16, CA=ca), 4, 3)]
+        B._dgrad_kernel.configs = [triton.Config(dict(BN=32, BK=32, CA=ca), 4, 4)]
+        before = {name: compiled(k) for name, k in (("forward", F._modconv_fwd_kernel), ("dgrad", B._dgrad_kernel))}
+        out, _, d, w_t, q = T.modconv_op._init_fn(x, w, s, noise, strength, bias, None, *scalars)
+        T.modconv_bwd_op._init_fn(grad, x, w, s, noise, strength, bias, out, d, w_t, q, *scalars, [True] * 6 + [False])
+        for name, kernel in (("forward", F._modconv_fwd_kernel), ("dgrad", B._dgrad_kernel)):
+            new = [k for i, k in compiled(kernel).items() if i not in before[name]]
+            assert len(new) == 1, (name, ca, len(new))
+            copies = re.findall(r"cp\\.async\\.(c[ag])\\.shared\\.global \\[[^\\]]*\\], \\[[^\\]]*\\], (0x[0-9a-f]+)",
+                                new[0].asm["ptx"].replace("\\t", " "))
+            print(name, ca, copies.count(("cg", "0x10")), copies.count(("ca", "0x8")))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the instructions, not the values: CPU only (no GPU time)")
+def test_8_byte_runs_load_through_l1_on_sm90():
+    """What CA = 1 is for (GEMM_WIDE_CA), in the PTX of a 32-channel bf16 layer's forward and data gradient compiled
+    for sm_90 on the launch path (the argument specialisation of real calls): Triton pipelines the tap-shifted
+    tiles as 16-byte cp.async.cg (L2 only, so each of the 9 taps re-reads its rows from L2) by default, and with
+    CA = 1 as 8-byte cp.async.ca (cached in L1). A Triton that changes either shows here."""
+    env = {**os.environ, "LSAP_DISABLE_EXT": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _CA_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=root)
+    assert res.returncode == 0, res.stderr[-4000:]
+    counts = {(name, int(ca)): (int(cg16), int(ca8)) for name, ca, cg16, ca8 in map(str.split, res.stdout.splitlines())}
+    for name in ("forward", "dgrad"):
+        (cg16_off, ca8_off), (cg16_on, ca8_on) = counts[name, 0], counts[name, 1]
+        assert ca8_off == 0 and cg16_off > 0, res.stdout
+        assert ca8_on > 0 and cg16_on < cg16_off, res.stdout  # the weight tiles stay 16-byte cp.async.cg
 
 
 # ---- real shapes on a GPU ------------------------------------------------------------------------------------------

@@ -144,6 +144,9 @@ if triton is not None:
                                                  (128, 64, 8, 3), (16, 64, 4, 3), (32, 32, 4, 4)],
                                   [(128, 64, 4, 4), (64, 64, 8, 4), (128, 128, 8, 3), (32, 128, 4, 3),
                                    (32, 32, 4, 1), (64, 32, 4, 1), (32, 16, 4, 1)])  # 1 stage: L1 reuse (GEMM_WIDE)
+    # (BN, BK, CA, warps, stages): g_z's tiles pipelined through L1 (triton_fwd.GEMM_WIDE_CA)
+    DGRAD_CONFIGS += block_configs(("BN", "BK", "CA"), [], [(32, 32, 1, 4, 4), (64, 32, 1, 4, 3), (64, 64, 1, 4, 3),
+                                                            (128, 64, 1, 8, 3)])
 
     @tuned(DGRAD_CONFIGS, key=["Cin", "Cout", "H", "W", "K", "UP", "BM", "PRECISION"],
            prune=prune_mn("PIXELS", "Cin"), interpret={"BN": 16, "BK": 16})
@@ -153,10 +156,11 @@ if triton is not None:
                       sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, ssb, ssi, wgain,
                       K: tl.constexpr, UP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DS: tl.constexpr,
                       PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      TX: tl.constexpr):
+                      TX: tl.constexpr, CA: tl.constexpr = 0):
         """g_u = conv_transpose(g_z, W) at input pixels q (UP=1: g_z[q − kh + k//2]; UP=2: g_T[2q + kh]), then
         d_x = g_u·sg (sg = styles·wgain) and per-tile partials Σ_q g_u·x. w_ptr: W as [k, k, Cin, Cout]
-        contiguous (the forward's copy), so a weight tile [BK of Cout, BN of Cin] is contiguous along K."""
+        contiguous (the forward's copy), so a weight tile [BK of Cout, BN of Cin] is contiguous along K. CA: g_z's
+        tiles in 8-byte runs (triton_fwd.GEMM_WIDE_CA)."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         qy, qx, mask_m = pixel_tile(pid_m, H, W, BM, TX)
@@ -183,7 +187,8 @@ if triton is not None:
                 dy, dx = kh, kw
             gy, gx = gy0 + dy, gx0 + dx
             ok = mask_m & (gy >= 0) & (gy < GH) & (gx >= 0) & (gx < GW)
-            gt = tl.load(g_base + (row_off + (dy * sgh + dx * sgw))[:, None] + o[None, :] * sgc,
+            go = tl.max_contiguous(o, 64 // gz_ptr.dtype.element_ty.primitive_bitwidth) if CA else o
+            gt = tl.load(g_base + (row_off + (dy * sgh + dx * sgw))[:, None] + go[None, :] * sgc,
                          mask=ok[:, None] & mask_o[None, :], other=0.0)
             wt = tl.load(w_ptr + ((kh * K + kw) * Cin + offs_n)[None, :] * Cout + o[:, None],
                          mask=mask_o[:, None] & mask_n[None, :], other=0.0)

@@ -113,6 +113,13 @@ if triton is not None:
     # there every tap re-reads from L2 whatever the tile's shape). Unmeasured so far: the tuning run decides.
     GEMM_WIDE_2D = [(128, 32, 32, 16, 4, 1), (128, 64, 32, 16, 4, 1), (256, 32, 32, 16, 8, 1), (128, 16, 32, 16, 4, 1),
                     (512, 32, 32, 32, 8, 1)]
+    # (BM, BN, BK, TX, CA, warps, stages): pipelined and through L1. With CA = 1 the shifted operand's loads (x's
+    # tiles; the data gradient's g_z tiles) are declared contiguous in 8-byte runs only: Triton then pipelines them
+    # as cp.async.ca, 8 bytes, which allocates in L1, instead of 16-byte cp.async.cg (an sm_90 compile;
+    # tests/test_modconv_triton.py checks both). Twice the copy instructions, for the taps' L1 hits. Unmeasured so
+    # far: the tuning run decides.
+    GEMM_WIDE_CA = [(128, 32, 32, 16, 1, 4, 3), (128, 64, 32, 16, 1, 4, 3), (128, 32, 32, 0, 1, 4, 4),
+                    (256, 32, 32, 16, 1, 8, 3), (128, 128, 32, 16, 1, 8, 3)]
 
     def prune_mn(m_arg: str, n_arg: str, w_arg: str | None = None):
         """Keep the configs whose M and N tiles fit the problem (at most its size rounded up to a power of two, at
@@ -235,7 +242,8 @@ if triton is not None:
                               other=0.0).to(tl.float32)
         return v
 
-    @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE) + block_configs(("BM", "BN", "BK", "TX"), [], GEMM_WIDE_2D),
+    @tuned(gemm_configs(GEMM_SHAPES, GEMM_WIDE) + block_configs(("BM", "BN", "BK", "TX"), [], GEMM_WIDE_2D)
+           + block_configs(("BM", "BN", "BK", "TX", "CA"), [], GEMM_WIDE_CA),
            key=["Cin", "Cout", "H", "W", "K", "UP", "PRECISION", "PRESCALED"], prune=prune_mn("PIXELS", "Cout", "W"))
     @fast_jit
     def _modconv_fwd_kernel(x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, strength_ptr, bias_ptr, skip_ptr, out_ptr, z_ptr,
@@ -246,11 +254,11 @@ if triton is not None:
                             HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, LRELU: tl.constexpr,
                             HAS_CLAMP: tl.constexpr, STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
                             PRESCALED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            NARROW: tl.constexpr = 0, TX: tl.constexpr = 0):
+                            NARROW: tl.constexpr = 0, TX: tl.constexpr = 0, CA: tl.constexpr = 0):
         """UP=1: out = epilogue(conv(x·sg, W)) [+ z = the conv]; UP=2: out = T, phase program_id(2) % 4 of the
         transposed conv (HO×WO = T's size). w_ptr: W as [k, k, Cin, Cout] contiguous; s_ptr: the styles [B, Cin]
         (any dtype and strides), scaled by wgain = g in fp32 as they are loaded. PRESCALED: x is u = x·s·g already
-        (prescale), the loop scales nothing."""
+        (prescale), the loop scales nothing. CA: x's tiles in 8-byte runs (see GEMM_WIDE_CA)."""
         pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if UP == 1:
             b, py, px = pid_z, 0, 0
@@ -281,7 +289,8 @@ if triton is not None:
                 dy, dx = -jh, -jw
             iy, ix = my + dy, mx + dx
             ok = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            xt = tl.load(x_base + (row_off + (dy * sxh + dx * sxw))[:, None] + i[None, :] * sxc,
+            xi = tl.max_contiguous(i, 64 // x_ptr.dtype.element_ty.primitive_bitwidth) if CA else i
+            xt = tl.load(x_base + (row_off + (dy * sxh + dx * sxw))[:, None] + xi[None, :] * sxc,
                          mask=ok[:, None] & mask_i[None, :], other=0.0)
             wt = tl.load(w_ptr + ((kh * K + kw) * Cin + i)[:, None] * Cout + offs_n[None, :],
                          mask=mask_i[:, None] & mask_n[None, :], other=0.0)
