@@ -17,6 +17,8 @@ constants).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from operator import itemgetter
 
 from torch import Tensor
 
@@ -54,6 +56,31 @@ def _hooked(hook) -> bool:
     return hook is not None and getattr(hook, "calls", True) != []
 
 
+def _picker(positions: tuple):
+    """args -> the tuple of its items at ``positions`` (itemgetter, at C speed, where there are several)."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    return (lambda args: (args[positions[0]],)) if positions else (lambda args: ())
+
+
+class _Params(Mapping):
+    """A kernel's parameters by name, for a callable grid: read as the grid asks (Triton builds a dict of every
+    parameter per launch, ~3 µs for our 55-parameter GEMM; a grid reads two or three)."""
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict, values: tuple):
+        self._index, self._values = index, values
+
+    def __getitem__(self, name):
+        return self._values[self._index[name]]
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self):
+        return len(self._index)
+
+
 if triton is not None:
 
     class FastJITFunction(JITFunction):
@@ -64,7 +91,11 @@ if triton is not None:
         def __init__(self, fn, **kwargs):
             super().__init__(fn, **kwargs)
             self._launches = {}  # key -> (compiled kernel, the parameters after the positional arguments)
+            # the positional arguments' types -> (scalars' picker, tensors' picker): the key takes a scalar's value
+            # and a tensor's dtype and alignment, found without testing each argument at each launch
+            self._layouts = {}
             self._runtime_params = frozenset(p.name for p in self.params if not p.is_constexpr)
+            self._index = {name: i for i, name in enumerate(self.arg_names)}
 
         def run(self, *args, grid, warmup, **kwargs):
             runtime = knobs.runtime
@@ -73,9 +104,15 @@ if triton is not None:
                 return super().run(*args, grid=grid, warmup=warmup, **kwargs)
             device = driver.active.get_current_device()
             # the types too: 1 == 1.0 == True, which Triton binds as a constant, an fp32 and an i1
-            key = (device, runtime.debug, knobs.compilation.instrumentation_mode, tuple(kwargs.items()),
-                   tuple(map(type, args)),
-                   tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else a for a in args]))
+            types = tuple(map(type, args))
+            layout = self._layouts.get(types)
+            if layout is None:
+                layout = self._layouts[types] = tuple(_picker(tuple(i for i, t in enumerate(types)
+                                                                    if issubclass(t, Tensor) is tensor))
+                                                      for tensor in (False, True))
+            scalars, tensors = layout
+            key = (device, runtime.debug, knobs.compilation.instrumentation_mode, tuple(kwargs.items()), types,
+                   scalars(args), tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors(args)]))
             try:
                 hit = self._launches.get(key)
             except TypeError:  # an unhashable argument
@@ -84,6 +121,7 @@ if triton is not None:
                 kernel = super().run(*args, grid=grid, warmup=False, **kwargs)
                 if len(self._launches) >= MAX_KEYS:
                     self._launches.clear()
+                    self._layouts.clear()
                 self._launches[key] = self._entry(kernel, len(args), kwargs)
                 return kernel
             if hit is False:
@@ -91,7 +129,7 @@ if triton is not None:
             kernel, tail = hit
             bound = args + tail  # every parameter in order, as JITFunction.run passes them
             if callable(grid):
-                grid = grid(dict(zip(self.arg_names, bound)))
+                grid = grid(_Params(self._index, bound))
             n = len(grid)
             # no launch metadata and no hooks: Triton's only call them when hooked
             kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
