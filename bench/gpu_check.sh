@@ -3,6 +3,7 @@
 # machine start included; one call may run 10 minutes; the machine stays warm 30 s after a call, so issue the next
 # at once and it reuses the build; each call gets a fresh copy of the tree, so files written into it do not carry
 # over: see TABLE_KEPT). Order used so far: tests, then tune or tune_ab, then bench or tables.
+#   run(command="bash bench/gpu_check.sh next", timeout_s=600)   a session's first call: tests, tune, bench (below)
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
 #   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call and where it goes, the suite
 #   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit the
@@ -27,6 +28,18 @@
 # but no network: build in place with the machine's python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# "next": the first call of a session that gets a GPU, as one ≤ 600 s call (run(..., timeout_s=600)): the tests,
+# a retuning of the three largest layers (the CA configs are new since the committed table), the host-time benches
+# and the bf16 batch-16 suite (end to end and every layer). Time boxes sum to ~560 s with three builds; any variable
+# set in the environment wins.
+if [ "${1:-}" = next ]; then
+  export GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-100} CASES_TIMEOUT=${CASES_TIMEOUT:-65} SNCD_TIMEOUT=${SNCD_TIMEOUT:-0} \
+    TUNE_TIMEOUT=${TUNE_TIMEOUT:-130} TUNE_BUDGET_S=${TUNE_BUDGET_S:-95} PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-0} \
+    TUNE_ARGS=${TUNE_ARGS:-"--retune --layers convs.15 convs.13 convs.14"} HOST_TIMEOUT=${HOST_TIMEOUT:-30} \
+    BENCH_TIMEOUT=${BENCH_TIMEOUT:-170} BENCH_BUDGET_S=${BENCH_BUDGET_S:-135} \
+    BENCH_ARGS=${BENCH_ARGS:-"--sections e2e modconv --op-batches 16 --precisions bf16"}
+  set -- tests tune bench
+fi
 OUT=${OUT:-bench/results/gpu-check}
 mkdir -p "$OUT"
 # Each mode writes into its own folder, and all of them are packed into $OUT/gpu_check.tgz after every mode: one
