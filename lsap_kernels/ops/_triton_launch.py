@@ -12,7 +12,7 @@ the debug and instrumentation settings; the device. Equal keys so name the kerne
 launch metadata), with a runtime argument passed by keyword (a tensor's value must not be in a key: it would stay
 alive there) or an unhashable argument, or with ``FAST_LAUNCH`` off (the default with a Triton other than 3.6).
 Not re-checked on a hit: that the module globals a kernel reads are unchanged since it was compiled (ours are
-constants).
+constants). On a hit a callable grid gets a read-only mapping of the parameters by name, not a dict.
 """
 from __future__ import annotations
 
