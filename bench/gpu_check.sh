@@ -3,7 +3,7 @@
 # machine start included; one call may run 10 minutes; the machine stays warm 30 s after a call, so issue the next
 # at once and it reuses the build; each call gets a fresh copy of the tree, so files written into it do not carry
 # over: see TABLE_KEPT). Order used so far: tests, then tune or tune_ab, then bench or tables.
-#   run(command="bash bench/gpu_check.sh next", timeout_s=600)   a session's first call: tests, tune, bench (below)
+#   run(command="bash bench/gpu_check.sh next", timeout_s=600)   a session's first call: tests, tune, ncu, bench (below)
 #   run(command="bash bench/gpu_check.sh tests", timeout_s=450)  build, gpu-marked tests, every cuda/triton case
 #   run(command="bash bench/gpu_check.sh bench", timeout_s=400)  host time per call and where it goes, the suite
 #   run(command="bash bench/gpu_check.sh tune", timeout_s=500)   Triton block configs per layer shape (commit the
@@ -17,6 +17,8 @@
 #   run(command="bash bench/gpu_check.sh tune_ab", timeout_s=300) the few-channel 1024²/512² layers retuned twice,
 #                                   flat and 16-wide 2-D data-gradient tiles (LSAP_TRITON_DGRAD_TX), every wide config
 #                                   (the forward's 2-D ones too): tx0/ and tx16/, tune_modconv.md each
+#   run(command="bash bench/gpu_check.sh ncu", timeout_s=200)    Nsight Compute counters of our kernels in the largest
+#                                   layers (bench/ncu_layers.py: DRAM/SM throughput, hit rates, occupancy, stalls)
 #   run(command="bash bench/gpu_check.sh full", timeout_s=300)   the whole test suite, if device time is left
 # (BENCH_ARGS="--sections modconv" bash bench/gpu_check.sh bench: the per-layer tables alone, every batch/precision)
 # Several modes in one call: "bash bench/gpu_check.sh tests tune bench" runs them in order and packs their folders
@@ -29,16 +31,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # "next": the first call of a session that gets a GPU, as one ≤ 600 s call (run(..., timeout_s=600)): the tests,
-# a retuning of the three largest layers (the CA configs are new since the committed table), the host-time benches
-# and the bf16 batch-16 suite (end to end and every layer). Time boxes sum to ~560 s with three builds; any variable
-# set in the environment wins.
+# a retuning of the three largest layers (the CA configs are new since the committed table), Nsight Compute counters
+# of the two largest, and the bf16 batch-16 suite (end to end and every layer). Time boxes sum to ~500 s, ~540 s with
+# four builds (~9 s a mode); any variable set in the environment wins.
 if [ "${1:-}" = next ]; then
-  export GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-100} CASES_TIMEOUT=${CASES_TIMEOUT:-65} SNCD_TIMEOUT=${SNCD_TIMEOUT:-0} \
-    TUNE_TIMEOUT=${TUNE_TIMEOUT:-130} TUNE_BUDGET_S=${TUNE_BUDGET_S:-95} PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-0} \
-    TUNE_ARGS=${TUNE_ARGS:-"--retune --layers convs.15 convs.13 convs.14"} HOST_TIMEOUT=${HOST_TIMEOUT:-30} \
-    BENCH_TIMEOUT=${BENCH_TIMEOUT:-170} BENCH_BUDGET_S=${BENCH_BUDGET_S:-135} \
+  export GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-100} CASES_TIMEOUT=${CASES_TIMEOUT:-60} SNCD_TIMEOUT=${SNCD_TIMEOUT:-0} \
+    TUNE_TIMEOUT=${TUNE_TIMEOUT:-110} TUNE_BUDGET_S=${TUNE_BUDGET_S:-80} PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-0} \
+    TUNE_ARGS=${TUNE_ARGS:-"--retune --layers convs.15 convs.13 convs.14"} HOST_TIMEOUT=${HOST_TIMEOUT:-0} \
+    NCU_TIMEOUT=${NCU_TIMEOUT:-100} NCU_ARGS=${NCU_ARGS:-"--layers convs.15 convs.14 --timeout 48"} \
+    BENCH_TIMEOUT=${BENCH_TIMEOUT:-130} BENCH_BUDGET_S=${BENCH_BUDGET_S:-100} \
     BENCH_ARGS=${BENCH_ARGS:-"--sections e2e modconv --op-batches 16 --precisions bf16"}
-  set -- tests tune bench
+  set -- tests tune ncu bench
 fi
 OUT=${OUT:-bench/results/gpu-check}
 mkdir -p "$OUT"
@@ -172,6 +175,16 @@ for tx in 0 16; do
   echo "DGRAD_TX=$tx: exit $?"; rm -f "$OUT/tx$tx/triton_tuned.json"  # not for committing
   grep -E "_dgrad_kernel|_modconv_fwd_kernel" "$OUT/tx$tx/tune_modconv.md" | cut -c1-120
 done
+fi
+if [ "$MODE" = ncu ]; then
+echo "== hardware counters of our kernels in the largest layers (bench/ncu_layers.py: Nsight Compute, one process each)"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | tail -1)
+if [ -n "$NCU" ]; then
+  timeout "${NCU_TIMEOUT:-150}" "$PY" bench/ncu_layers.py --ncu "$NCU" --out "$OUT" ${NCU_ARGS:-} > /dev/null 2>&1
+  echo "ncu exit $?"; grep -E "^## |^- |^\| " "$OUT/ncu_layers.md" 2>/dev/null | cut -c1-160
+else
+  echo "no ncu on this machine"
+fi
 fi
 if [ "$MODE" = full ]; then
 echo "== whole suite (CPU tests already run in CI; here for CUDA-side effects)"
