@@ -7,9 +7,10 @@ stall reasons, per kernel of one forward+backward (inversion gradients) of each 
 
 For each layer one process runs under ``ncu --set full --clock-control none`` (the clocks as they are, METHOD.md)
 and profiles only the kernels of one call after warm-up (cudaProfilerStart/Stop; kernel names starting with "_":
-ours). Writes ncu_<layer>.csv (ncu's raw page: every metric) and ncu_layers.md (the summary) into DIR (default
-bench/results/<device>-<date>/). GPU only, and only where ncu can read the counters (Firecracker machines; on gVisor
-ncu fails to load its library: the summary then says so).
+ours). The report is exported, then read back as ncu's raw page (every metric) into ncu_<layer>.csv; the
+summary goes to ncu_layers.md, both in DIR (default bench/results/<device>-<date>/); the binary report is deleted.
+GPU only, and only where ncu can read the counters (Firecracker machines; on gVisor ncu fails to load its library:
+the summary then says so).
 """
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ SUMMARY = [
     ("issue %", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
     ("registers", "launch__registers_per_thread"),
 ]
-STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+# warps stalled per issued instruction, by reason (WarpStateStats); else PC samples per reason (SourceCounters)
+STALLS = [re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$"),
+          re.compile(r"^smsp__pcsamp_warps_issue_stalled_(\w+?)$")]
 TIME_UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
 
 
 def parse_raw_csv(text: str) -> list[dict]:
     """ncu's ``--csv --page raw`` output -> one dict per profiled kernel: "name", "grid", "block", every metric as a
-    float (time metrics in µs), and "stalls": [(reason, warps stalled per issued instruction)], largest first.
-    Lines that are not CSV rows (ncu's ==PROF== messages, the program's output) are skipped."""
+    float (time metrics in µs), and "stalls": [(reason, warps stalled per issued instruction, or PC samples where
+    ncu reported only those)], largest first. Lines that are not CSV rows (ncu's messages) are skipped."""
     rows = list(csv.reader(line for line in text.splitlines() if line.startswith('"')))
     if not rows:
         return []
@@ -58,15 +61,19 @@ def parse_raw_csv(text: str) -> list[dict]:
                 k[name] = float(value.replace(",", "")) * TIME_UNITS.get(unit, 1.0)
             except ValueError:
                 continue
-        k["stalls"] = sorted(((m.group(1), k[name]) for name in header if (m := STALL.match(name)) and name in k),
-                             key=lambda s: -s[1])
+        for stall in STALLS:
+            k["stalls"] = sorted(((m.group(1), k[name]) for name in header
+                                  if (m := stall.match(name)) and name in k and not name.endswith("_not_issued")),
+                                 key=lambda s: -s[1])
+            if k["stalls"]:
+                break
         kernels.append(k)
     return kernels
 
 
 def summary_table(kernels: list[dict], top_stalls: int = 4) -> list[str]:
     cols = [c for c, metric in SUMMARY if any(metric in k for k in kernels)]
-    lines = ["| kernel | grid | block | " + " | ".join(cols) + " | main stalls (warps per issue) |",
+    lines = ["| kernel | grid | block | " + " | ".join(cols) + " | main stalls |",
              "|---|---|---|" + "---|" * len(cols) + "---|"]
     for k in kernels:
         cells = [f"{k[m]:.4g}" if m in k else "" for c, m in SUMMARY if c in cols]
@@ -115,18 +122,22 @@ def main(argv=None):
              "one forward+backward (inversion gradients) per layer under `ncu --set full --clock-control none`, "
              "our kernels only. Percentages of peak; stalls: warps stalled per issued instruction, by reason.", ""]
     for layer in args.layers:
-        log = out / f"ncu_{layer}.csv"
-        cmd = [args.ncu, "--clock-control", "none", "--profile-from-start", "off", "--kernel-name", "regex:^_",
-               "--set", "full", "--csv", "--page", "raw", "--print-units", "base", "--log-file", str(log),
-               sys.executable, __file__, "--child", layer, "--batch", str(args.batch), "--precision", args.precision]
+        report, table = out / f"ncu_{layer}.ncu-rep", out / f"ncu_{layer}.csv"
+        profile = [args.ncu, "--clock-control", "none", "--profile-from-start", "off", "--kernel-name", "regex:^_",
+                   "--set", "full", "--export", str(report), "--force-overwrite",
+                   sys.executable, __file__, "--child", layer, "--batch", str(args.batch),
+                   "--precision", args.precision]
+        read_back = [args.ncu, "--import", str(report), "--page", "raw", "--csv", "--print-units", "base"]
         t0 = time.time()
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            status = f"exit {res.returncode}"
-            tail = (res.stderr or res.stdout)[-600:]
-        except (OSError, subprocess.TimeoutExpired) as e:
+            res = subprocess.run(profile, capture_output=True, text=True, timeout=args.timeout)
+            status, tail = f"exit {res.returncode}", (res.stdout + res.stderr)[-600:]
+            if report.exists():
+                table.write_text(subprocess.run(read_back, capture_output=True, text=True, timeout=60).stdout)
+                report.unlink()  # binary, several MB: the CSV holds every metric
+        except (OSError, subprocess.SubprocessError) as e:
             status, tail = type(e).__name__, str(e)[-600:]
-        kernels = parse_raw_csv(log.read_text()) if log.exists() else []
+        kernels = parse_raw_csv(table.read_text()) if table.exists() else []
         lines += [f"## {layer}", "", f"- {status}, {time.time() - t0:.0f} s, {len(kernels)} kernels profiled", ""]
         lines += summary_table(kernels) if kernels else ["```", tail.strip(), "```"]
         lines.append("")

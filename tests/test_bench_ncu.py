@@ -48,18 +48,32 @@ def test_parse_raw_csv_without_units_row_or_rows():
 
 
 def test_driver_summarises_each_layer(tmp_path):
-    """main() runs ncu once per layer (here a stand-in that writes the CSV ncu would, or fails as ncu does where it
-    cannot read the counters) and writes the summary, the failure's message included."""
+    """main() runs ncu once per layer and reads its report back as CSV (here a stand-in that writes a report and
+    prints that CSV, or fails as ncu does where it cannot read the counters) and writes the summary, the failure's
+    message included."""
     csv_text = as_csv([HEADER, UNITS] + ROWS)
     fake = tmp_path / "ncu"
     fake.write_text("#!/usr/bin/env python3\nimport sys\nargs = sys.argv[1:]\n"
-                    "log = args[args.index('--log-file') + 1]\nlayer = args[args.index('--child') + 1]\n"
+                    "if '--import' in args:\n"
+                    "    assert open(args[args.index('--import') + 1]).read() == 'report'\n"
+                    f"    print({csv_text!r})\n    sys.exit()\n"
+                    "layer = args[args.index('--child') + 1]\n"
                     "assert args[args.index('--kernel-name') + 1] == 'regex:^_'\n"
                     "if layer == 'convs.14':\n    sys.exit('==ERROR== Failed to initialize the profiler')\n"
-                    f"open(log, 'w').write({csv_text!r})\n")
+                    "open(args[args.index('--export') + 1], 'w').write('report')\n")
     fake.chmod(0o755)
     out = tmp_path / "out"
     ncu_layers.main(["--out", str(out), "--layers", "convs.15", "convs.14", "--ncu", str(fake)])
     md = (out / "ncu_layers.md").read_text()
     assert "## convs.15\n\n- exit 0" in md and "2 kernels profiled" in md and "`_dgrad_kernel`" in md
     assert "## convs.14\n\n- exit 1" in md and "Failed to initialize the profiler" in md
+    assert (out / "ncu_convs.15.csv").exists() and not list(out.glob("*.ncu-rep"))  # the CSV kept, the report not
+
+
+def test_stalls_from_pc_samples_where_no_ratios():
+    """Where ncu reported no per-issue stall ratios, the PC-sampling counts rank the reasons (their _not_issued
+    twins left out)."""
+    header = HEADER[:11] + ["smsp__pcsamp_warps_issue_stalled_wait", "smsp__pcsamp_warps_issue_stalled_barrier",
+                            "smsp__pcsamp_warps_issue_stalled_barrier_not_issued"]
+    k, = ncu_layers.parse_raw_csv(as_csv([header, ROWS[0][:11] + ["120", "340", "999"]]))
+    assert k["stalls"] == [("barrier", 340), ("wait", 120)]
