@@ -120,7 +120,8 @@ def main(argv=None):
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, commit {env['commit']}"
              f"{' (dirty)' if env['commit_dirty'] else ''}, {env['date']}; batch {args.batch}, {args.precision}, "
              "one forward+backward (inversion gradients) per layer under `ncu --set full --clock-control none`, "
-             "our kernels only. Percentages of peak; stalls: warps stalled per issued instruction, by reason.", ""]
+             "our kernels only. Percentages of peak; stalls: warps stalled per issued instruction, by reason (or PC "
+             "samples per reason where ncu gave only those).", ""]
     for layer in args.layers:
         report, table = out / f"ncu_{layer}.ncu-rep", out / f"ncu_{layer}.csv"
         profile = [args.ncu, "--clock-control", "none", "--profile-from-start", "off", "--kernel-name", "regex:^_",
