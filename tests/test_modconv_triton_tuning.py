@@ -3,6 +3,9 @@ seed into a fresh autotuner, which then launches that config without benchmarkin
 Triton's own Autotuner.run with its benchmark and launch replaced, so no GPU is needed."""
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,11 +28,10 @@ if L.available_backends()["triton"]:
 
 
 def autotuner(monkeypatch, timings):
-    """A fresh autotuner over two configs whose 'benchmark' returns ``timings[BLOCK]`` (None: must not be called)
-    and whose launches are recorded instead of run."""
-    tuner = triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=2, num_stages=2),
-                                     triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3)], key=["n"])(_copy_kernel)
-    tuner.cache_results = False  # the disk cache asks the GPU driver for its target
+    """A fresh autotuner (the kernels' own kind) over two configs whose 'benchmark' returns ``timings[BLOCK]``
+    (None: must not be called) and whose launches are recorded instead of run."""
+    tuner = triton_fwd.CachedAutotuner(_copy_kernel, [triton.Config({"BLOCK": 16}, num_warps=2, num_stages=2),
+                                                      triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3)], ["n"])
 
     def bench(*args, config, **kwargs):
         assert timings is not None, "benchmarked a shape the table holds"
@@ -47,14 +49,16 @@ def test_tuned_configs_survive_export_and_seed(monkeypatch):
     tuned.run(x, y, 40, grid=(2,))
     tuned.run(x.double(), y.double(), 7, grid=(1,))
     table = json.loads(json.dumps(triton_tuning.export({"copy": tuned})))  # what the committed file holds
-    assert [key for key, _ in table["copy"]] == [[40, "torch.float32", "torch.float32"],
-                                                  [7, "torch.float64", "torch.float64"]]
+    assert [key for key, _ in table["copy"]] == [[40, "torch.float32"], [7, "torch.float64"]]  # n, x's dtype
 
     fresh, launched = autotuner(monkeypatch, None)
     assert triton_tuning.seed(table, {"copy": fresh, "renamed": fresh}) == 2
     assert triton_tuning.seed(table, {"copy": fresh}) == 0  # entries already there are kept
     fresh.run(x, y, 40, grid=(2,))
     assert (launched[-1]["BLOCK"], launched[-1]["num_warps"], launched[-1]["num_stages"]) == (32, 4, 3)
+    # the first tensor's dtype is in the table's key, the others' are not (a kernel's float32 or 16-bit parameters)
+    fresh.run(x, y.double(), 40, grid=(2,))
+    assert launched[-1]["BLOCK"] == 32 and not fresh.cache
 
     # a shape the table lacks still autotunes
     fresh._bench = lambda *args, config, **kwargs: [1.0 if config.kwargs["BLOCK"] == 16 else 3.0] * 3
@@ -106,7 +110,8 @@ def test_tuning_tool_logs_every_benchmark_of_a_call(monkeypatch):
 
 def test_cached_autotuner_launches_the_autotuners_choice(monkeypatch):
     """CachedAutotuner (the kernels' autotuner on a GPU): each shape key and dtype goes through Triton's
-    Autotuner.run once (benchmark, or a seeded entry), later launches of that key take the same config without it."""
+    Autotuner.run once (benchmark), later launches of that key take the same config without it; a key the
+    committed table holds never does."""
     configs = [triton.Config({"BLOCK": 16}, num_warps=2, num_stages=2),
                triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3)]
     tuner = triton_fwd.CachedAutotuner(_copy_kernel, configs, ["n"])
@@ -132,7 +137,7 @@ def test_cached_autotuner_launches_the_autotuners_choice(monkeypatch):
         tuner.run(x.double(), y.double(), 40, grid=(2,))
         tuner.run(x, y, 7, grid=(1,))
     assert [k["BLOCK"] for k in launched[3:]] == [16, 16, 16, 16] and slow == [40, 40, 7]
-    # a seeded shape: Autotuner.run once (no benchmark), then the fast path
+    # a seeded shape: the fast path from the first launch on (no Autotuner.run, no benchmark)
     table = json.loads(json.dumps(triton_tuning.export({"copy": tuner})))
     fresh = triton_fwd.CachedAutotuner(_copy_kernel, configs, ["n"])
     assert triton_tuning.seed(table, {"copy": fresh}) == 3
@@ -140,7 +145,7 @@ def test_cached_autotuner_launches_the_autotuners_choice(monkeypatch):
     slow.clear()
     for _ in range(2):
         fresh.run(x.double(), y.double(), 40, grid=(2,))
-    assert launched[-1]["BLOCK"] == 16 and slow == [40]
+    assert launched[-1]["BLOCK"] == 16 and slow == []
 
 
 @pytest.mark.parametrize("mode", ["0", "", "wide"])
@@ -204,3 +209,45 @@ def test_committed_table_names_real_kernels_and_blocks():
                 assert set(config["kwargs"]) <= params and set(config["kwargs"]) <= {"BM", "BN", "BK", "TX", "RY"}, \
                     (name, config)
                 assert config["num_warps"] in (1, 2, 4, 8, 16) and isinstance(key, list), (name, key)
+
+
+_TABLE_HITS_SCRIPT = """
+import os
+import sys
+sys.path.insert(0, "bench")
+import launch_overhead  # unsets TRITON_INTERPRET
+from triton.runtime.driver import driver
+driver.set_active(launch_overhead.StandInDriver())
+os.environ["LSAP_TRITON_AUTOTUNE"] = ""  # autotuning as on a GPU (the stand-in's benchmark times nothing)
+from lsap_kernels.ops.modconv import triton_tuning
+kernels = triton_tuning.autotuned_kernels()
+for kernel in kernels.values():
+    kernel.cache_results = False  # no stand-in timings in Triton's disk cache
+device = sys.argv[1]
+triton_tuning.seed(triton_tuning.load_table()[device])
+launch_overhead.triton_step(1024)()
+for name, kernel in kernels.items():  # the table entries that launches took (not a benchmark's choice)
+    hit = {table_key for (values, dtypes), (config, _) in kernel.chosen.items()
+           if kernel.table.get(table_key := (*values, str(dtypes[0]))) is config}
+    print(name, len(kernel.table), len(hit))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches stubbed on CPU tensors: CPU only (no GPU time)")
+@pytest.mark.parametrize("device", sorted(triton_tuning.load_table()) if L.available_backends()["triton"] else [])
+def test_a_generator_step_launches_every_committed_config(device):
+    """The table is keyed by what the kernels' launches pass: one LSAP_O step of the 1024² generator in bf16, as
+    the inverter and the suite's end-to-end rows run it (bench/profile_layers.py's step_call, float32 parameters),
+    on Triton's real launch path with a stand-in driver (bench/launch_overhead.py) and the device's entries seeded.
+    Every committed entry must be looked up by some launch: one that no launch finds is dead, and a key format
+    that drifted from the launchers' (a parameter's dtype in it, say) leaves every layer autotuning on the GPU."""
+    env = {**os.environ, "LSAP_DISABLE_EXT": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _TABLE_HITS_SCRIPT, device], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=root)
+    assert res.returncode == 0, res.stderr[-4000:]
+    counts = {name: (int(n), int(hit)) for name, n, hit in map(str.split, res.stdout.splitlines())}
+    committed = triton_tuning.load_table()[device]
+    for name, (n, hit) in counts.items():
+        assert n == len(committed.get(name, [])) and hit == n, (name, res.stdout)

@@ -52,16 +52,27 @@ if triton is not None:
     WIDE = os.environ.get("LSAP_TRITON_AUTOTUNE") == "wide"
 
     class CachedAutotuner(triton.runtime.Autotuner):
-        """Triton's Autotuner with a cheaper cache hit. Its own key walks dicts of every argument (~50 here: 42 µs
-        a launch on a 2-core EPYC, more than the JIT's binder); here a launch looks up one tuple of the key
-        arguments and the tensors' dtypes, filled from the Autotuner's own choice at the key's first launch, so
-        seeding (triton_tuning), pruning and benchmarking stay Triton's."""
+        """Triton's Autotuner with a cheaper cache hit and a table of committed configs. Its own key walks dicts of
+        every argument (~50 here: 42 µs a launch on a 2-core EPYC, more than the JIT's binder); here a launch looks
+        up one tuple of the key arguments and the tensors' dtypes, filled at the key's first launch from ``table``
+        or else from the Autotuner's own choice, so pruning and benchmarking stay Triton's.
+
+        ``table`` (triton_tuning.seed) maps ``table_key``s to configs: the key arguments and the dtype of the first
+        tensor argument, the activations' (x, T or a gradient of them) in every kernel here. Not the other tensors'
+        dtypes, which the Autotuner's key holds: float32 or 16-bit parameters (styles, noise, bias) are a few loads
+        per tile, not what picks a tile, and a table keyed on them stopped matching when callers' parameter dtypes
+        changed (tests/test_modconv_triton_tuning.py runs the committed table's layers)."""
 
         def __init__(self, fn, configs, key, **kwargs):
             super().__init__(fn, fn.arg_names, configs, key, None, None, **kwargs)
             self.key_at = [(k, self.arg_names.index(k)) for k in self.keys]
             self.tensors_at = [i for i, name in enumerate(self.arg_names) if name.endswith("_ptr")]
             self.chosen = {}
+            self.table = {}
+
+        def table_key(self, key) -> tuple:
+            """The table's key of an Autotuner key (key arguments, then the tensor arguments' dtypes as strings)."""
+            return tuple(key[:len(self.keys) + 1])
 
         def run(self, *args, **kwargs):
             if len(self.configs) == 1:  # nothing to choose (the interpreter; a test's pinned config)
@@ -71,9 +82,12 @@ if triton is not None:
                    tuple([getattr(args[i], "dtype", None) for i in self.tensors_at]))
             hit = self.chosen.get(key)
             if hit is None:
-                launched = super().run(*args, **kwargs)
-                self.chosen[key] = self.best_config, self.best_config.all_kwargs()
-                return launched
+                config = self.table.get((*key[0], str(key[1][0])))
+                if config is None:
+                    launched = super().run(*args, **kwargs)
+                    self.chosen[key] = self.best_config, self.best_config.all_kwargs()
+                    return launched
+                hit = self.chosen[key] = config, config.all_kwargs()
             self.best_config = hit[0]
             return self.fn.run(*args, **kwargs, **hit[1])
 

@@ -2,8 +2,8 @@
 machine skips benchmarking the layer shapes we know: a first 1024² step otherwise spends ~90 s autotuning.
 
 The table maps a device name (``torch.cuda.get_device_name``) to {kernel: [[key, config], ...]}, where key is the
-Autotuner's own cache key (its key arguments, then the dtypes of the tensor arguments) and config the block sizes,
-warps and stages it picked. ``bench/tune_modconv.py`` writes it; shapes not in it autotune at their first call.
+kernel's key arguments and its activations' dtype (``CachedAutotuner.table_key``) and config the block sizes, warps
+and stages autotuning picked. ``bench/tune_modconv.py`` writes it; shapes not in it autotune at their first call.
 """
 from __future__ import annotations
 
@@ -36,10 +36,15 @@ def config_from_json(entry: dict):
 
 
 def export(kernels: dict | None = None) -> dict:
-    """{kernel: [[key, config], ...]}: what the autotuners hold now (tuned in this process or seeded)."""
+    """{kernel: [[key, config], ...]}: what the autotuners hold now, seeded or tuned in this process (which wins)."""
     kernels = autotuned_kernels() if kernels is None else kernels
-    return {name: [[list(key), config_to_json(cfg)] for key, cfg in sorted(k.cache.items(), key=lambda kv: str(kv[0]))]
-            for name, k in kernels.items() if k.cache}
+    out = {}
+    for name, k in kernels.items():
+        rows = {**k.table, **{k.table_key(key): cfg for key, cfg in k.cache.items()}}
+        if rows:
+            out[name] = [[list(key), config_to_json(cfg)]
+                         for key, cfg in sorted(rows.items(), key=lambda kv: str(kv[0]))]
+    return out
 
 
 def merge(entries: dict, newer: dict) -> dict:
@@ -53,8 +58,8 @@ def merge(entries: dict, newer: dict) -> dict:
 
 
 def seed(entries: dict, kernels: dict | None = None) -> int:
-    """Put a device's table entries into the autotuners' caches (entries found by autotuning in this process are
-    kept). Returns how many were added."""
+    """Put a device's table entries into the autotuners' tables (entries already there are kept). Returns how many
+    were added."""
     kernels = autotuned_kernels() if kernels is None else kernels
     added = 0
     for name, rows in entries.items():
@@ -62,8 +67,9 @@ def seed(entries: dict, kernels: dict | None = None) -> int:
         if kernel is None:  # a kernel renamed or removed since the table was written
             continue
         for key, config in rows:
-            if tuple(key) not in kernel.cache:
-                kernel.cache[tuple(key)] = config_from_json(config)
+            key = kernel.table_key(key)  # (also cuts a whole Autotuner key, as older tables hold)
+            if key not in kernel.table:
+                kernel.table[key] = config_from_json(config)
                 added += 1
     return added
 
