@@ -127,8 +127,12 @@ def markdown(env, meta, rows) -> str:
              f"- every timed variant's first {meta['check_samples']} samples were checked against float64 first "
              f"(||err||/||ref|| at most: outputs {meta['tolerances']['outputs']}, end-to-end image "
              f"{meta['tolerances']['e2e_image']}, gradients through leaky ReLU "
-             f"{meta['tolerances']['gradients_through_lrelu']}; see bench/README.md)", ""]
-    lines += headline(meta, rows)
+             f"{meta['tolerances']['gradients_through_lrelu']}; see bench/README.md)"]
+    if meta.get("triton_block_configs"):
+        lines.append("- Triton block configs, per kernel: shapes launched with the committed table's config / shapes "
+                     "autotuned in this run: " + ", ".join(f"{name} {u['from_table']}/{u['autotuned']}"
+                                                          for name, u in meta["triton_block_configs"].items()))
+    lines += [""] + headline(meta, rows)
     ok = [r for r in rows if r["status"] == "ok"]
     e2e = [r for r in ok if r["section"] == "e2e"]
     if e2e:

@@ -684,6 +684,9 @@ class Suite:
                     "outputs": OUT_TOL, "e2e_image": E2E_OUT_TOL, "gradients_through_lrelu": GRAD_TOL},
                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "skipped_tasks": self.skipped,
                 "load_average_1min": [self.load_at_start, os.getloadavg()[0]]}
+        if self.device == "cuda" and L.available_backends()["triton"]:
+            from lsap_kernels.ops.modconv import triton_tuning
+            meta["triton_block_configs"] = triton_tuning.usage()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "suite.json").write_text(json.dumps({**self.env, **meta, "rows": self.rows}, indent=1))
         (self.out / "suite.md").write_text(report.markdown(self.env, meta, self.rows))

@@ -64,6 +64,8 @@ def test_tuned_configs_survive_export_and_seed(monkeypatch):
     fresh._bench = lambda *args, config, **kwargs: [1.0 if config.kwargs["BLOCK"] == 16 else 3.0] * 3
     fresh.run(x, y, 41, grid=(2,))
     assert launched[-1]["BLOCK"] == 16
+    # what a GPU run reports: 40 launched from the table (with two dtype combinations: one entry), 41 benchmarked
+    assert triton_tuning.usage({"copy": fresh}) == {"copy": {"from_table": 1, "autotuned": 1}}
 
 
 def test_a_retuning_run_keeps_the_other_layers_entries(monkeypatch):
@@ -226,10 +228,8 @@ for kernel in kernels.values():
 device = sys.argv[1]
 triton_tuning.seed(triton_tuning.load_table()[device])
 launch_overhead.triton_step(1024)()
-for name, kernel in kernels.items():  # the table entries that launches took (not a benchmark's choice)
-    hit = {table_key for (values, dtypes), (config, _) in kernel.chosen.items()
-           if kernel.table.get(table_key := (*values, str(dtypes[0]))) is config}
-    print(name, len(kernel.table), len(hit))
+for name, used in triton_tuning.usage().items():
+    print(name, len(kernels[name].table), used["from_table"])
 """
 
 

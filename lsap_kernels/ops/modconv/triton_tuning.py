@@ -74,6 +74,19 @@ def seed(entries: dict, kernels: dict | None = None) -> int:
     return added
 
 
+def usage(kernels: dict | None = None) -> dict:
+    """{kernel: {"from_table": table entries launched, "autotuned": shape keys benchmarked}} in this process, so a
+    GPU run shows whether the committed configs were used (bench/suite.py reports it)."""
+    kernels = autotuned_kernels() if kernels is None else kernels
+    out = {}
+    for name, k in kernels.items():
+        table, chosen = getattr(k, "table", {}), getattr(k, "chosen", {})  # (none under the interpreter)
+        launched = {key for (values, dtypes), (config, _) in chosen.items()
+                    if table.get(key := (*values, str(dtypes[0]))) is config}
+        out[name] = {"from_table": len(launched), "autotuned": len(k.cache)}
+    return out
+
+
 def load_table(path: Path = TABLE) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
