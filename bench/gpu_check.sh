@@ -64,6 +64,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PY" -c "import triton; print('triton', triton.__version__)" || true
+  # Triton's cache key of this install (its sources and libtriton) and its ptxas: where both equal a CPU machine's
+  # (Python 3.12, PyPI's triton 3.6.0 there: bd4757a49ddb4e61, ptxas 12.8), sm_90 kernels compiled there are cache hits
+  "$PY" -c "import hashlib; from triton.runtime.cache import triton_key; from triton import knobs
+t = knobs.nvidia.ptxas
+print('triton key', hashlib.sha256(triton_key().encode()).hexdigest()[:16], 'ptxas', t.path, t.version)" || true
   # the compiler that builds _C against the one that built torch (a mismatch is the suspect of a past C++-error crash)
   echo "extension c++: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>&1 | head -1)"
   "$PY" -c "import torch; print('torch built with', torch.__config__.show().splitlines()[1].strip())" || true
