@@ -74,6 +74,11 @@ if triton is not None:
             """The table's key of an Autotuner key (key arguments, then the tensor arguments' dtypes as strings)."""
             return tuple(key[:len(self.keys) + 1])
 
+        @staticmethod
+        def launch_table_key(key) -> tuple:
+            """The table's key of a ``chosen`` key (key arguments, tensor arguments' dtypes)."""
+            return (*key[0], str(key[1][0]))
+
         def run(self, *args, **kwargs):
             if len(self.configs) == 1:  # nothing to choose (the interpreter; a test's pinned config)
                 return super().run(*args, **kwargs)
@@ -82,7 +87,7 @@ if triton is not None:
                    tuple([getattr(args[i], "dtype", None) for i in self.tensors_at]))
             hit = self.chosen.get(key)
             if hit is None:
-                config = self.table.get((*key[0], str(key[1][0])))
+                config = self.table.get(self.launch_table_key(key))
                 if config is None:
                     launched = super().run(*args, **kwargs)
                     self.chosen[key] = self.best_config, self.best_config.all_kwargs()

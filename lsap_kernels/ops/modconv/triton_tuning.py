@@ -80,9 +80,10 @@ def usage(kernels: dict | None = None) -> dict:
     kernels = autotuned_kernels() if kernels is None else kernels
     out = {}
     for name, k in kernels.items():
-        table, chosen = getattr(k, "table", {}), getattr(k, "chosen", {})  # (none under the interpreter)
-        launched = {key for (values, dtypes), (config, _) in chosen.items()
-                    if table.get(key := (*values, str(dtypes[0]))) is config}
+        launched = set()
+        for key, (config, _) in getattr(k, "chosen", {}).items():  # (none under the interpreter)
+            if k.table.get(key := k.launch_table_key(key)) is config:
+                launched.add(key)
         out[name] = {"from_table": len(launched), "autotuned": len(k.cache)}
     return out
 
